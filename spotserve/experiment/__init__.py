@@ -1,0 +1,1 @@
+"""`python -m spotserve.experiment`: the paper's experiments, baselines, ablations and plots."""
