@@ -8,7 +8,11 @@ Figures follow the public Hugging Face configs:
   public config), untied LM head.
 - huggyllama/llama-30b: 60 layers, hidden 6656, 52 heads, intermediate 17920, vocab 32000,
   RMSNorm (eps 1e-6), SwiGLU, rotary, no biases, untied LM head.
-The issue's figures agree with these configs.
+The issue's figures agree with these configs (tests/models/test_hf_names.py holds the public
+configs and checks every shape field, and checks total_params against transformers' own model).
+Differences, all outside the shapes: the public gpt-neox-20b config has no pad_token_id (we use 1,
+the tokenizer's <|padding|>; a spec read from that config pads with eos 0), and transformers 5.x
+defaults GPT-NeoX to "gelu" where the public config says "gelu_fast" (tanh approximation).
 
 The paper's simulated "30B" was a GPT-style stand-in (48 x 7168); `paper-30b` describes it so the
 simulator can use the name with the shape that was profiled (profiles-t4/megatron_h7168).
@@ -19,6 +23,8 @@ from dataclasses import asdict, dataclass, replace
 
 FAMILIES = ("opt", "gpt_neox", "llama")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# Activations the reference forward pass implements (HF names; gelu_fast/gelu_new = tanh approximation).
+ACTIVATIONS = ("relu", "gelu", "gelu_fast", "gelu_new", "gelu_pytorch_tanh", "silu")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,10 @@ class ModelSpec:
                 raise ValueError(f"{self.name}: {field} must be positive, got {getattr(self, field)}")
         if self.hidden % self.num_heads:
             raise ValueError(f"{self.name}: hidden {self.hidden} is not divisible by {self.num_heads} heads")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"{self.name}: unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        if not 0.0 < self.rotary_pct <= 1.0:
+            raise ValueError(f"{self.name}: rotary_pct must be in (0, 1], got {self.rotary_pct}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"{self.name}: {self.num_heads} heads not divisible by {self.kv_heads} kv heads")
 

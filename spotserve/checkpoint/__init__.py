@@ -1,0 +1,1 @@
+"""`python -m spotserve.checkpoint`: list model names and write random-weight checkpoints."""
