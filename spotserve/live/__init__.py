@@ -1,0 +1,1 @@
+"""Live backend: an mpirun-launched controller and one worker process per GPU slot."""

@@ -1,0 +1,49 @@
+"""Controller state in SQLite: idempotent commits and recovery after a killed controller."""
+import multiprocessing as mp
+import os
+import signal
+
+import pytest
+
+from spotserve.live.state import StateStore
+
+
+def test_commit_is_idempotent_and_detects_conflicts(tmp_path):
+    s = StateStore(tmp_path / "state.db")
+    s.add("r1", [1, 2, 3], {"max_tokens": 4})
+    assert s.commit("r1", 0, [10, 11]) == 2
+    assert s.commit("r1", 1, [11, 12]) == 3  # overlap re-sent after a retry
+    assert s.commit("r1", 0, [10]) == 3
+    with pytest.raises(ValueError, match="conflicts"):
+        s.commit("r1", 2, [99])
+    with pytest.raises(ValueError, match="gap"):
+        s.commit("r1", 5, [1])
+    with pytest.raises(KeyError):
+        s.commit("nope", 0, [1])
+    assert s.get("r1").tokens == [10, 11, 12]
+
+
+def _writer(path, ready):
+    s = StateStore(path)
+    s.add("a", [1], {})
+    s.add("b", [2], {})
+    s.commit("a", 0, [5, 6, 7])
+    s.finish("b", "completed")
+    s.add("c", [3], {})
+    ready.set()
+    signal.pause()
+
+
+def test_state_survives_sigkill_of_the_controller(tmp_path):
+    path = tmp_path / "state.db"
+    ready = mp.get_context("spawn").Event()
+    p = mp.get_context("spawn").Process(target=_writer, args=(str(path), ready))
+    p.start()
+    assert ready.wait(30)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    s = StateStore(path)
+    left = {r.id: r for r in s.unfinished()}
+    assert set(left) == {"a", "c"}
+    assert left["a"].tokens == [5, 6, 7] and left["a"].status == "running"
+    assert s.get("b").status == "completed"
