@@ -1,0 +1,1 @@
+"""Controller: request manager, instance manager, backend interface and the policy glue (pure Python)."""

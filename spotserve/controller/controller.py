@@ -1,0 +1,322 @@
+"""Controller: turns arrivals, availability changes and batch results into commands for a backend.
+
+One controller serves every approach (approach.py); planner decisions come through a Policy.
+Phases: `serving` -> on a change, `draining` (running batches keep decoding until the arranger's
+migrate_at) -> `migrating` (context moves; each new replica serves as soon as its own context is
+in place) -> `serving`. Changes at the same instant are planned once; a change that arrives while
+migrating is planned right after. Rerouting's replica bookkeeping lives in rerouting.py.
+"""
+from __future__ import annotations
+
+from spotserve.controller.approach import Approach
+from spotserve.controller.backend import Backend, BackendEvents, Progress
+from spotserve.controller.events import EventLog
+from spotserve.controller.instances import ONDEMAND, SPOT, InstanceManager
+from spotserve.controller.replicas import Replica
+from spotserve.controller.requests import RUNNING, RequestManager
+from spotserve.controller.rerouting import ReroutingMixin
+from spotserve.planner.types import GPU, ParallelConfig, ReconfigurationPlan, RunningRequest
+
+SERVING, DRAINING, MIGRATING = "serving", "draining", "migrating"
+
+
+class Controller(ReroutingMixin, BackendEvents):
+    """The policy side of a run. In: on_* events; out: Backend commands and the request table.
+
+    warm_start: the first layout is taken as loaded before time 0 (the paper's runs start warm).
+    """
+
+    def __init__(self, policy, approach: Approach, instances: InstanceManager, requests: RequestManager,
+                 rate: float, log: EventLog | None = None, warm_start: bool = True):
+        if rate < 0:
+            raise ValueError(f"arrival rate must be >= 0, got {rate}")
+        self.policy, self.approach = policy, approach
+        self.instances, self.requests = instances, requests
+        self.rate = rate
+        self.log = log or EventLog()
+        self.warm_start = warm_start
+        self.backend: Backend | None = None
+        self.plan: ReconfigurationPlan | None = None  # the layout now served
+        self.replicas: dict[int, Replica] = {}
+        self.phase = SERVING
+        self.pending: tuple | None = None  # (seq, plan, decision, migrate_at, deadline)
+        self._seq = 0
+        self._replan_after = False
+        self._replan_due: tuple[list[str], bool] | None = None
+        self._batch_seq = 0
+        self._fixed_shape: ParallelConfig | None = None  # rerouting / no-optimizer
+        self._ever_served = False
+        self.reconfigurations = 0
+        self.stall_s = 0.0
+
+    def attach(self, backend: Backend) -> None:
+        self.backend = backend
+
+    # --- intake -------------------------------------------------------------------------------
+    def on_arrival(self, rid: int, input_len: int, output_len: int) -> None:
+        """A request arrived: register it and start it if a replica is idle."""
+        self.requests.arrive(rid, self.backend.now(), input_len, output_len)
+        self.dispatch()
+
+    def on_rate(self, rate: float) -> None:
+        """The required / observed arrival rate changed."""
+        self.rate = rate
+        self.log.emit(self.backend.now(), "rate", rate=rate)
+        if self.approach.mode != "rerouting" and self.approach.optimizer:
+            self.replan("rate")
+
+    # --- availability -------------------------------------------------------------------------
+    def on_instance_added(self, name: str, ondemand: bool = False) -> None:
+        """The cloud gave us an instance; it is usable after its start-up delay."""
+        now = self.backend.now()
+        inst = self.instances.acquire(name, now, ONDEMAND if ondemand else SPOT)
+        self.log.emit(now, "acquire", instance=name, kind=inst.kind, ready_t=inst.ready_t)
+        self.backend.call_at(inst.ready_t, lambda: self.on_instance_ready(name))
+
+    def on_instance_ready(self, name: str) -> None:
+        now = self.backend.now()
+        if self.instances.instances[name].state != "starting":
+            return  # reclaimed while starting
+        self.instances.mark_ready(name, now)
+        self.log.emit(now, "ready", instance=name)
+        self.replan("ready")
+
+    def on_notice(self, name: str, deadline: float) -> None:
+        """A reclaim notice: spotserve plans now; the baselines wait for the loss."""
+        now = self.backend.now()
+        inst = self.instances.notice(name, now, deadline)
+        self.log.emit(now, "notice", instance=name, deadline=deadline)
+        if self.approach.uses_notice and inst.state == "noticed":
+            self.replan("notice")
+
+    def on_reclaim(self, name: str) -> None:
+        """The instance is gone: whatever still ran on its GPUs is lost."""
+        now = self.backend.now()
+        inst = self.instances.reclaim(name, now)
+        self.log.emit(now, "reclaim", instance=name)
+        lost = set(self._gpu_ids(inst))
+        hit = [r for r in self.replicas.values() if lost & set(r.gpus)]
+        if self.approach.mode == "rerouting":
+            self._reroute_loss(hit)
+            return
+        if not hit:
+            return
+        # a loss the plan did not cover (no notice, a baseline, or a migration slower than the grace)
+        keep = "tokens" if self.approach.mode == "spotserve" and self.approach.arranger else "none"
+        for r in hit:
+            self._abort_replica(r, keep)
+            r.ready_t = float("inf")  # it cannot serve any more
+        self.replan("reclaim", force=True)
+
+    # --- planning -----------------------------------------------------------------------------
+    @staticmethod
+    def _gpu_ids(inst) -> list[str]:
+        return [f"{inst.name}/g{i}" for i in range(len(inst.gpu_ids))]
+
+    def _gpus(self, noticed: bool) -> list[GPU]:
+        mem = self.instances.config.gpu_memory_bytes
+        insts = self.instances.noticed() if noticed else self.instances.ready()
+        return [GPU(f"{i.name}/g{k}", i.name, k, mem) for i in insts for k in range(len(i.gpu_ids))]
+
+    def _running(self) -> list[RunningRequest]:
+        return [RunningRequest(str(q.id), r.index, q.input_len, q.input_len + q.committed, q.committed, q.remaining)
+                for r in self.replicas.values() for q in r.requests if q.state == RUNNING]
+
+    def _earliest_deadline(self) -> float | None:
+        used = {g for r in self.replicas.values() for g in r.gpus}
+        ds = [i.deadline for i in self.instances.noticed() if used & set(self._gpu_ids(i))]
+        return min(ds) if ds else None
+
+    def replan(self, reason: str, force: bool = False) -> None:
+        """Ask for a plan; every request made at the same instant is answered by one plan."""
+        if self.backend is None:
+            raise RuntimeError("controller has no backend attached")
+        if self._replan_due is not None:
+            self._replan_due[0].append(reason)
+            self._replan_due = (self._replan_due[0], self._replan_due[1] or force)
+            return
+        self._replan_due = ([reason], force)
+        self.backend.call_at(self.backend.now(), self._replan_now)
+
+    def _replan_now(self) -> None:
+        reasons, force = self._replan_due
+        self._replan_due = None
+        if self.approach.mode == "rerouting":
+            self._reroute_fill()
+            return
+        if self.phase == MIGRATING:
+            self._replan_after = True
+            return
+        if self.approach.mode == "reparallelization" and set(reasons) == {"notice"}:
+            return
+        self._plan("+".join(dict.fromkeys(reasons)), force)
+
+    def _plan(self, reason: str, force: bool) -> None:
+        """Plan for the GPUs that will remain; start draining towards the new layout if it differs."""
+        now = self.backend.now()
+        fresh = self.approach.mode == "reparallelization"
+        gpus = self._gpus(noticed=False)
+        leaving = self._gpus(noticed=True) if self.approach.mode == "spotserve" else []
+        running = self._running()
+        frozen = self._frozen_shape(gpus + leaving)
+        plan = self.policy.plan(gpus, self.rate, None if fresh else self.plan, running, leaving, self.approach,
+                                frozen)
+        if plan.cannot_serve:
+            self.log.emit(now, "cannot_serve", reason=plan.cannot_serve, trigger=reason, gpus=len(gpus))
+            if self.plan is None and not self.replicas:
+                return
+        elif self.plan is not None and not force and (
+                self._same_layout(plan) or (fresh and plan.config == self.plan.config and plan.extra == self.plan.extra)):
+            return  # nothing changes (the reparallelization baseline restarts only for another config)
+        self._seq += 1
+        deadline = self._earliest_deadline() if self.approach.mode == "spotserve" else None
+        decision = None
+        migrate_at = now
+        if deadline is not None and self.approach.arranger and plan.serving and self.replicas:
+            decision = self.policy.arrange(now, deadline, running, plan, self.plan, self.approach, frozen)
+            migrate_at = min(max(now, decision.migrate_at), deadline)
+        elif deadline is not None and not plan.serving:
+            migrate_at = deadline  # nothing to move to: keep serving until the instances go
+        self.pending = (self._seq, plan, decision, migrate_at, deadline)
+        self.phase = DRAINING
+        self.log.emit(now, "plan", trigger=reason, config=plan.config.short() if plan.config else None,
+                      extra=plan.extra.short() if plan.extra else None, cannot_serve=plan.cannot_serve,
+                      est_seconds=round(plan.est_seconds, 4), migrate_at=round(migrate_at, 4),
+                      deadline=deadline, transfers=len(plan.transfers), disk_bytes=plan.disk_bytes,
+                      reused_bytes=plan.reused_bytes)
+        for r in self.replicas.values():
+            if r.batch_id is not None:
+                self.backend.stop_batch(r.index, r.batch_id, migrate_at)
+        seq = self._seq
+        self.backend.call_at(migrate_at, lambda: self._maybe_migrate(seq))
+
+    def _frozen_shape(self, gpus: list[GPU]) -> ParallelConfig | None:
+        if self.approach.optimizer:
+            return None
+        if self._fixed_shape is None:
+            self._fixed_shape = self.policy.fixed_shape(gpus, self.rate)
+        return self._fixed_shape
+
+    def _same_layout(self, plan: ReconfigurationPlan) -> bool:
+        return (plan.config == self.plan.config and plan.extra == self.plan.extra
+                and plan.placement == self.plan.placement)
+
+    def _keep_for(self, req, decision) -> str:
+        """How an interrupted request's context survives under this approach."""
+        if self.approach.mode != "spotserve":
+            return "none"
+        if decision is None:
+            if not self.pending or self.pending[4] is None:
+                return "kv"  # no deadline (acquisition, rate change): the KV cache moves with the weights
+            return "tokens" if self.approach.arranger else "none"
+        d = decision.by_id().get(str(req.id))
+        if d is None or d.action in ("move_kv", "finish"):
+            return "kv"  # "finish": it was expected to end before migration; its cache moves if not
+        return "tokens"  # reprefill (prompt + committed tokens) or requeue with committed tokens
+
+    def _maybe_migrate(self, seq: int) -> None:
+        if not self.pending or self.pending[0] != seq or self.phase != DRAINING:
+            return
+        if self.backend.now() + 1e-9 < self.pending[3] or any(r.batch_id is not None for r in self.replicas.values()):
+            return
+        plan = self.pending[1]
+        now = self.backend.now()
+        self.phase = MIGRATING
+        if not plan.serving:
+            self._install(plan, {})
+            self._finish_migration()
+            return
+        warm = self.warm_start and not self._ever_served and now == 0.0
+        offsets = {r: 0.0 for r, _ in plan.replica_configs()} if warm else \
+            self.policy.ready_offsets(plan, self.approach, fresh=self.approach.mode == "reparallelization")
+        if not warm:
+            self.reconfigurations += 1
+        stall = max(offsets.values(), default=0.0)
+        self.stall_s += stall
+        self.log.emit(now, "migrate", config=plan.config.short(), stall_s=round(stall, 4),
+                      first_ready_s=round(min(offsets.values(), default=0.0), 4), warm=warm)
+        self._install(plan, offsets)
+        for t in sorted(set(offsets.values())):
+            if t > 0:
+                self.backend.call_at(now + t, self.dispatch)
+        self.backend.execute_plan(plan, self.pending[0], stall)
+        self.dispatch()
+
+    def on_plan_done(self, plan_id: int) -> None:
+        """Migration finished (or a rerouting replica finished loading)."""
+        if self.approach.mode == "rerouting":
+            self._reroute_loaded(plan_id)
+            return
+        if self.pending and self.pending[0] == plan_id and self.phase == MIGRATING:
+            self._finish_migration()
+
+    def _install(self, plan: ReconfigurationPlan, offsets: dict[int, float]) -> None:
+        now = self.backend.now()
+        self.plan = plan if plan.serving else None
+        self._ever_served = self._ever_served or plan.serving
+        self.replicas = {}
+        for idx, shape in plan.replica_configs():
+            gpus = sorted(g for p, g in plan.placement.items() if p.replica == idx)
+            self.replicas[idx] = Replica(idx, shape, gpus, now + offsets.get(idx, 0.0))
+
+    def _finish_migration(self) -> None:
+        self.pending = None
+        self.phase = SERVING
+        self.log.emit(self.backend.now(), "serving", config=self.plan.config.short() if self.plan else None,
+                      replicas=len(self.replicas))
+        if self._replan_after:
+            self._replan_after = False
+            self.replan("deferred")
+        self.dispatch()
+
+    # --- batches ------------------------------------------------------------------------------
+    def _abort_replica(self, r: Replica, keep: str) -> None:
+        """The replica lost a GPU: tokens streamed so far stay committed; the rest goes back to the queue."""
+        if r.batch_id is None:
+            return
+        progress = self.backend.abort_batch(r.index, r.batch_id)
+        self._settle(r, progress, lambda req: keep)
+
+    def _settle(self, r: Replica, progress: list[Progress], keep_of) -> None:
+        """Commit a batch's tokens; complete finished requests, interrupt the others."""
+        now = self.backend.now()
+        by_id = {p.request_id: p for p in progress}
+        for req in r.requests:
+            p = by_id.get(req.id)
+            if p is not None and p.new_tokens:
+                self.requests.commit(req, p.new_tokens, p.first_token_t if p.first_token_t is not None else now)
+            if req.remaining == 0:
+                self.requests.complete(req, p.finish_t if p and p.finish_t is not None else now)
+            else:
+                self.requests.interrupt(req, keep_of(req))
+        r.batch_id, r.requests = None, []
+
+    def dispatch(self) -> None:
+        """Start a batch on every idle, ready replica while requests wait."""
+        if not self.requests.queue:
+            return
+        now = self.backend.now()
+        for r in self.replicas.values():
+            if not self.requests.queue:
+                return
+            if r.batch_id is not None or r.ready_t > now:
+                continue
+            if self.phase == DRAINING and self.pending[3] - now < self.policy.prefill_s(
+                    r.shape, r.shape.batch, self.policy.cost.workload.prompt_len):
+                continue  # a new batch would not get past its prefill before migration starts
+            reqs = self.requests.take_batch(r.shape.batch, r.index, now)
+            self._batch_seq += 1
+            r.batch_id, r.requests = self._batch_seq, reqs
+            self.backend.start_batch(r.index, r.shape, self._batch_seq, reqs)
+            if self.phase == DRAINING:  # decode until migration starts; the KV cache then moves
+                self.backend.stop_batch(r.index, self._batch_seq, self.pending[3])
+
+    def on_batch_done(self, replica: int, batch_id: int, progress: list[Progress], stopped: bool = False) -> None:
+        r = self.replicas.get(replica)
+        if r is None or r.batch_id != batch_id:
+            return
+        decision = self.pending[2] if self.pending else None
+        self._settle(r, progress, lambda req: self._keep_for(req, decision))
+        if self.phase == DRAINING:
+            self._maybe_migrate(self.pending[0])
+        self.dispatch()

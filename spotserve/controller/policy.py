@@ -1,0 +1,127 @@
+"""Policy: the one place where the controller meets the planner and the cost model.
+
+It answers the controller's questions (how long a prefill / decode step takes, which layout to
+serve next, when migration must start, how long serving pauses) and applies an approach's
+switches by swapping planner components (controller/switches.py): one spotserve.planner.Planner
+per switch combination, so every approach runs the same planner code.
+"""
+from __future__ import annotations
+
+from spotserve.controller.approach import Approach
+from spotserve.controller.switches import FrozenOptimizer, RankMapper
+from spotserve.planner.cost import CostModel, stage_layer_ranges
+from spotserve.planner.optimizer import ConfigOptimizer
+from spotserve.planner.planner import Planner
+from spotserve.planner.types import GPU, ParallelConfig, ReconfigurationPlan
+
+
+class Policy:
+    """Cost-model latencies and planner decisions, with the approach's switches applied."""
+
+    def __init__(self, cost: CostModel, engine_start_s: float = 0.0, pool_gpus: int | None = None):
+        if engine_start_s < 0:
+            raise ValueError(f"engine_start_s must be >= 0, got {engine_start_s}")
+        self.cost = cost
+        self.engine_start_s = engine_start_s
+        self.pool_gpus = pool_gpus
+        self.optimizer = ConfigOptimizer(cost)
+        self._planners: dict = {}
+        self._prefill: dict = {}
+        self._step: dict = {}
+
+    # --- latencies (cached: the simulator asks once per batch) ---------------------------------
+    def prefill_s(self, shape: ParallelConfig, n: int, prompt_len: float) -> float:
+        """Seconds to prefill n prompts of prompt_len tokens on one replica of `shape`."""
+        key = (shape.pp, shape.tp, n, shape.micro_batches, int(prompt_len))
+        v = self._prefill.get(key)
+        if v is None:
+            m = min(shape.micro_batches, n)
+            v = self._prefill[key] = float(self.cost.prefill_seconds(shape.pp, shape.tp, n, m, int(prompt_len)))
+        return v
+
+    def step_s(self, shape: ParallelConfig, n: int) -> float:
+        """Seconds of one decode round (every request of the batch gets one token)."""
+        key = (shape.pp, shape.tp, n, shape.micro_batches)
+        v = self._step.get(key)
+        if v is None:
+            m = min(shape.micro_batches, n)
+            v = self._step[key] = float(self.cost.decode_round_seconds(shape.pp, shape.tp, n, m))
+        return v
+
+    # --- decisions ----------------------------------------------------------------------------
+    def planner(self, approach: Approach, frozen: ParallelConfig | None) -> Planner:
+        """The Planner for this switch combination (built once)."""
+        key = (approach.mapper, frozen)
+        p = self._planners.get(key)
+        if p is None:
+            p = Planner(self.cost, optimizer=FrozenOptimizer(self.cost, frozen) if frozen is not None else None)
+            if not approach.mapper:
+                p.mapper = RankMapper(self.cost)
+            self._planners[key] = p
+        return p
+
+    def plan(self, gpus: list[GPU], rate: float, current, running, leaving: list[GPU], approach: Approach,
+             frozen: ParallelConfig | None) -> ReconfigurationPlan:
+        """The next layout for `gpus` (`leaving`: GPUs under notice, sources only)."""
+        return self.planner(approach, frozen).plan(gpus, rate, current=current, requests=running, leaving=leaving)
+
+    def arrange(self, now: float, deadline: float, running, plan: ReconfigurationPlan, current,
+                approach: Approach, frozen: ParallelConfig | None):
+        """When migration must start and how each running request's context survives."""
+        return self.planner(approach, frozen).arrange(now, deadline, running, plan, current)
+
+    def fixed_shape(self, gpus: list[GPU], rate: float) -> ParallelConfig | None:
+        """The replica shape chosen once for the full pool (rerouting, no-optimizer)."""
+        n = max(len(gpus), self.pool_gpus or 0)
+        choice = self.optimizer.choose(n, rate)
+        c = choice.config
+        return None if c is None else ParallelConfig(1, c.pp, c.tp, c.batch, c.micro_batches)
+
+    def ready_offsets(self, plan: ReconfigurationPlan, approach: Approach, fresh: bool = False) -> dict[int, float]:
+        """Seconds after migration starts at which each new replica can serve.
+
+        The migration planner orders transfers stage by stage from the first, so a replica can
+        start a batch once its stage 0 context is in place, provided each later stage s is ready
+        when the pipeline reaches it (s prefill stage-times tau later): offset = max_s(ready_s - s*tau),
+        with ready_s the busiest-link time of the transfer prefix that completes stage s. A replica
+        that receives nothing serves at once. Without the migration planner (no overlap), or for a
+        restart from disk, every replica waits for the whole plan.
+        """
+        est = plan.est_seconds + self.engine_start_s
+        shapes = dict(plan.replica_configs())
+        if fresh or not approach.migration_planner:
+            return {r: est for r in shapes}
+        where = {g: (p.replica, p.stage) for p, g in plan.placement.items()}
+        inst = {g: g.split("/")[0] for g in where}
+        bw = self.cost.bandwidth
+        loads: dict[tuple, float] = {}
+        ready: dict[tuple[int, int], float] = {}
+        worst = 0.0
+        for t in plan.transfers:  # busiest-link time of every prefix, in one pass
+            dst_inst = inst.get(t.dst) or t.dst.split("/")[0]
+            if t.src is None:
+                keys = ((("disk", dst_inst), bw["disk_bytes_per_s"]),)
+            elif t.src.split("/")[0] == dst_inst:
+                keys = ((("pcie_out", t.src), bw["intra_bytes_per_s"]), (("pcie_in", t.dst), bw["intra_bytes_per_s"]))
+            else:
+                keys = ((("nic_out", t.src.split("/")[0]), bw["inter_bytes_per_s"]),
+                        (("nic_in", dst_inst), bw["inter_bytes_per_s"]))
+            for k, b in keys:
+                loads[k] = loads.get(k, 0.0) + t.nbytes / b
+                worst = max(worst, loads[k])
+            if t.dst in where:
+                ready[where[t.dst]] = worst
+        out = {}
+        for r, sh in shapes.items():
+            tau = self.prefill_s(sh, sh.batch, self.cost.workload.prompt_len) / sh.pp
+            offs = [ready[(r, s)] - s * tau for s in range(sh.pp) if (r, s) in ready]
+            out[r] = max(0.0, max(offs)) + self.engine_start_s if offs else 0.0
+        return out
+
+    def disk_load_s(self, shape: ParallelConfig) -> float:
+        """Seconds for a replica to load its weights from disk (GPUs of one instance share its disk)."""
+        c = self.cost
+        lo, hi = stage_layer_ranges(c.spec.num_layers, shape.pp)[0]
+        per_gpu = ((hi - lo) * c.layer_bytes + c.embed_bytes) / shape.tp
+        share = min(shape.pp * shape.tp, c.profile.gpus_per_instance or 4)
+        return per_gpu * share / c.bandwidth["disk_bytes_per_s"] + self.engine_start_s

@@ -1,0 +1,1 @@
+"""Discrete-event simulator backend: the same controller and planner on a modelled cluster."""

@@ -1,0 +1,148 @@
+"""SimBackend: a discrete-event backend; batches, migrations and disk loads take modelled time.
+
+One event per batch (not per decode step): a batch's token times are known in closed form from
+the cost model (prefill, then one token per decode step), so a stop at any time is answered
+exactly at the last step boundary before it. The controller and planner above it are the real ones.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Callable
+
+from spotserve.controller.backend import Backend, Progress
+from spotserve.planner.types import ParallelConfig, ReconfigurationPlan
+
+
+class SimBatch:
+    """Timing of one batch: starts at t0, prefill P (0 if every request kept its KV), then steps of S."""
+
+    __slots__ = ("batch_id", "reqs", "t0", "P", "S", "steps", "prefilled", "end_t", "stop_seq")
+
+    def __init__(self, batch_id, reqs, t0, P, S, prefilled):
+        self.batch_id = batch_id
+        self.reqs = reqs
+        self.t0, self.P, self.S = t0, P, S
+        self.prefilled = prefilled
+        # decode steps each request needs: the prefill itself yields the first token
+        self.steps = [r.remaining - 1 if pf else r.remaining for r, pf in zip(reqs, prefilled)]
+        self.end_t = t0 + P + max(self.steps) * S
+        self.stop_seq = 0
+
+    def progress(self, cut: float) -> list[Progress]:
+        """Tokens each request produced by time `cut` (a step boundary or the batch end)."""
+        out = []
+        dec0 = self.t0 + self.P
+        if cut + 1e-12 < dec0:
+            done_steps, prefill_done = 0, False
+        else:
+            done_steps, prefill_done = int(math.floor((cut - dec0) / self.S + 1e-9)) if self.S > 0 else 10**9, True
+        for r, pf, need in zip(self.reqs, self.prefilled, self.steps):
+            if pf:
+                if not prefill_done:
+                    out.append(Progress(r.id, 0, None, None))
+                    continue
+                k = 1 + min(done_steps, need)
+                first = dec0
+            else:
+                k = min(done_steps, need)
+                first = dec0 + self.S if k else None
+            fin = dec0 + need * self.S if k == need + (1 if pf else 0) else None
+            out.append(Progress(r.id, k, first, fin))
+        return out
+
+
+class SimBackend(Backend):
+    """Event queue + modelled cluster. `policy` supplies prefill/step latencies; `controller` the policy."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.t = 0.0
+        self._heap: list = []
+        self._seq = 0
+        self.batches: dict[int, SimBatch] = {}
+        self.controller = None
+        self.events_processed = 0
+
+    def attach(self, controller) -> None:
+        self.controller = controller
+        controller.attach(self)
+
+    # --- clock and queue ----------------------------------------------------------------------
+    def now(self) -> float:
+        return self.t
+
+    def call_at(self, t: float, fn: Callable[[], None]) -> None:
+        self._push(max(t, self.t), fn)
+
+    def _push(self, t: float, fn, *args) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, fn, args))
+
+    def next_time(self) -> float:
+        return self._heap[0][0] if self._heap else math.inf
+
+    def step(self) -> None:
+        """Process the earliest event."""
+        t, _, fn, args = heapq.heappop(self._heap)
+        self.t = t
+        self.events_processed += 1
+        fn(*args)
+
+    # --- commands -----------------------------------------------------------------------------
+    def start_batch(self, replica: int, shape: ParallelConfig, batch_id: int, requests: list) -> None:
+        if replica in self.batches:
+            raise RuntimeError(f"replica {replica} already runs batch {self.batches[replica].batch_id}")
+        prefilled = [not r.kv_ready for r in requests]
+        n_pf = sum(prefilled)
+        P = 0.0
+        if n_pf:
+            prompt = sum(r.input_len + r.committed for r, pf in zip(requests, prefilled) if pf) / n_pf
+            P = self.policy.prefill_s(shape, n_pf, prompt)
+        S = self.policy.step_s(shape, len(requests))
+        b = SimBatch(batch_id, requests, self.t, P, S, prefilled)
+        self.batches[replica] = b
+        self._push(b.end_t, self._finish, replica, batch_id, 0)
+
+    def _finish(self, replica: int, batch_id: int, stop_seq: int) -> None:
+        b = self.batches.get(replica)
+        if b is None or b.batch_id != batch_id or b.stop_seq != stop_seq:
+            return  # superseded by a stop or an abort
+        del self.batches[replica]
+        self.controller.on_batch_done(replica, batch_id, b.progress(b.end_t), False)
+
+    def _stopped(self, replica: int, batch_id: int, stop_seq: int, cut: float) -> None:
+        b = self.batches.get(replica)
+        if b is None or b.batch_id != batch_id or b.stop_seq != stop_seq:
+            return
+        del self.batches[replica]
+        self.controller.on_batch_done(replica, batch_id, b.progress(cut), True)
+
+    def stop_batch(self, replica: int, batch_id: int, at: float) -> None:
+        b = self.batches.get(replica)
+        if b is None or b.batch_id != batch_id:
+            return
+        at = max(at, self.t)
+        if at >= b.end_t:
+            return  # it finishes before it would be stopped
+        dec0 = b.t0 + b.P
+        if at < dec0:
+            cut = at  # stopped during prefill: the prefill is abandoned
+        else:
+            cut = dec0 + math.floor((at - dec0) / b.S + 1e-9) * b.S
+        b.stop_seq += 1
+        self._push(max(cut, self.t), self._stopped, replica, batch_id, b.stop_seq, cut)
+
+    def abort_batch(self, replica: int, batch_id: int) -> list[Progress]:
+        b = self.batches.get(replica)
+        if b is None or b.batch_id != batch_id:
+            return []
+        del self.batches[replica]
+        return b.progress(self.t)
+
+    def execute_plan(self, plan: ReconfigurationPlan, plan_id: int, stall_s: float) -> None:
+        self._push(self.t + stall_s, self.controller.on_plan_done, plan_id)
+
+    def load_replica(self, replica: int, shape: ParallelConfig, gpus: list[str], load_id: int,
+                     seconds: float) -> None:
+        self._push(self.t + seconds, self.controller.on_plan_done, load_id)

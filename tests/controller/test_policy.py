@@ -1,0 +1,48 @@
+"""Policy and switches: per-replica readiness after a migration, frozen shapes, rank-order placement."""
+import pytest
+
+from spotserve.controller.approach import get_approach
+from spotserve.controller.policy import Policy
+from spotserve.controller.switches import FrozenOptimizer, RankMapper
+from spotserve.experiment.data import PACKAGE_DATA, load_cost
+from spotserve.planner.types import GPU, ParallelConfig
+
+COST = load_cost("20B", PACKAGE_DATA)
+
+
+def gpus(*insts):
+    return [GPU(f"{i}/g{k}", i, k, 16 * 2**30) for i in insts for k in range(4)]
+
+
+def test_added_instance_only_delays_the_new_replica():
+    pol = Policy(COST)
+    sp = get_approach("spotserve")
+    frozen = ParallelConfig(1, 1, 8, 4, 1)
+    first = pol.plan(gpus("a", "b", "c", "d"), 0.35, None, [], [], sp, frozen)
+    assert first.config.dp == 2
+    second = pol.plan(gpus("a", "b", "c", "d", "e", "f"), 0.35, first, [], [], sp, frozen)
+    assert second.config.dp == 3 and second.est_seconds > 0
+    off = pol.ready_offsets(second, sp)
+    kept = [r for r in range(3) if set(g for p, g in second.placement.items() if p.replica == r)
+            <= set(first.placement.values())]
+    assert len(kept) == 2 and all(off[r] == 0.0 for r in kept)
+    new = ({0, 1, 2} - set(kept)).pop()
+    assert off[new] == pytest.approx(second.est_seconds)
+    # no migration planner: nobody serves before the whole plan is done
+    assert set(pol.ready_offsets(second, get_approach("no-migration-planner")).values()) == {second.est_seconds}
+
+
+def test_frozen_optimizer_and_rank_mapper():
+    opt = FrozenOptimizer(COST, ParallelConfig(3, 2, 4, 2, 1))
+    ch = opt.choose(20, 0.35)
+    assert ch.config == ParallelConfig(2, 2, 4, 2, 1) and ch.extra is None
+    assert opt.choose(7, 0.35).cannot_serve
+    m = RankMapper(COST).assign(ParallelConfig(1, 2, 4, 2, 1), None, gpus("b", "a"))
+    assert [m.placement[p] for p in sorted(m.placement)] == [g.id for g in gpus("b", "a")]
+
+
+def test_disk_load_scales_with_bytes_per_instance():
+    pol = Policy(COST)
+    one = pol.disk_load_s(ParallelConfig(1, 1, 8, 4, 1))
+    per_gpu = (COST.spec.num_layers * COST.layer_bytes + COST.embed_bytes) / 8
+    assert one == pytest.approx(per_gpu * 4 / COST.bandwidth["disk_bytes_per_s"])

@@ -1,0 +1,126 @@
+"""ConfigOptimizer: brute-force best over the whole space, explicit cannot-serve, hysteresis, extras."""
+import itertools
+import math
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import tiny_cost
+from spotserve.planner import ConfigOptimizer, ParallelConfig
+from spotserve.planner.cost import queue_factor
+
+
+def brute_force(cost, n, rate, horizon=300.0):
+    """Enumerate every (shape at dp = n // size, optional extra shape) with scalar cost calls."""
+    L = cost.spec.num_layers
+    shapes = [(pp, tp, b, m) for pp in range(1, L + 1) for tp in cost.tps for b in cost.batches
+              for m in range(1, b + 1) if b % m == 0 and pp * tp <= n and bool(cost.feasible(pp, tp, b, m))]
+
+    def secs(s):
+        return float(cost.batch_seconds(*s))
+
+    def mig(s):
+        pp, tp = s[0], s[1]
+        return (math.ceil(L / pp) * cost.layer_bytes + cost.embed_bytes) / tp / cost.bandwidth["disk_bytes_per_s"]
+
+    cands = []
+    for s in shapes:
+        dp = n // (s[0] * s[1])
+        left = n - dp * s[0] * s[1]
+        for e in [None] + [e for e in shapes if e[0] * e[1] <= left]:
+            reps = [(secs(s), s[2] / secs(s))] * dp + ([(secs(e), e[2] / secs(e))] if e else [])
+            phi = sum(p for _, p in reps)
+            mean_t = sum(t * p for t, p in reps) / phi
+            lat = mean_t * float(queue_factor(rate / phi))
+            m = max(mig(s), mig(e)) if e else mig(s)
+            cands.append((s, dp, e, phi, mean_t, lat, m ** 2 / (2 * horizon)))
+    return cands
+
+
+def objective(c, rate, opt):
+    s, dp, e, phi, mean_t, lat, pen = c
+    return lat + pen
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 14), rate=st.sampled_from([0.0, 0.05, 0.2, 0.5, 1.0, 3.0, 50.0]),
+       memory=st.sampled_from([300_000, 400_000, 800_000]))
+def test_optimizer_matches_brute_force(n, rate, memory):
+    cost = tiny_cost(memory)
+    opt = ConfigOptimizer(cost)
+    choice = opt.choose(n, rate)
+    cands = brute_force(cost, n, rate)
+    if not cands:
+        assert choice.config is None and "needs at least" in choice.cannot_serve
+        return
+    got = opt.evaluate(choice.config, choice.extra, rate)
+    meets = [c for c in cands if c[3] >= rate and math.isfinite(c[5])]
+    if meets:
+        best = min(objective(c, rate, opt) for c in meets)
+        assert choice.meets_rate
+        pen = choice.migration_seconds ** 2 / (2 * opt.horizon_s)
+        assert got.latency + pen == pytest.approx(best, rel=1e-9)
+    else:
+        assert not choice.meets_rate
+        assert got.throughput == pytest.approx(max(c[3] for c in cands), rel=1e-9)
+    assert choice.config.world_size + (choice.extra.world_size if choice.extra else 0) <= n
+    assert got.throughput == pytest.approx(choice.throughput)
+
+
+def test_cannot_serve_is_explicit():
+    cost = tiny_cost(200_000)  # needs 5 GPUs
+    choice = ConfigOptimizer(cost).choose(4, 1.0)
+    assert choice.config is None and choice.throughput == 0 and "at least 5 GPUs" in choice.cannot_serve
+    assert ConfigOptimizer(cost).choose(0, 1.0).config is None
+
+
+def test_hysteresis_keeps_current_for_negligible_gain():
+    cost = tiny_cost(800_000)
+    opt = ConfigOptimizer(cost, min_gain=0.5)
+    fresh = opt.choose(8, 0.2)
+    # a config slightly worse than the best: kept because the best gains < 50 %
+    alts = [ParallelConfig(8 // (pp * tp), pp, tp, b, 1) for pp, tp, b in itertools.product(range(1, 6), cost.tps, (1, 2, 4))
+            if pp * tp <= 8 and cost.feasible(pp, tp, b)]
+    scored = sorted((opt.evaluate(c, None, 0.2).latency, c) for c in alts if opt.evaluate(c, None, 0.2).meets_rate)
+    worse = next(c for lat, c in scored if lat > fresh.latency * 1.01 and lat < fresh.latency * 1.4)
+    kept = opt.choose(8, 0.2, current=(worse, None))
+    assert kept.kept_current and kept.config == worse
+    # with no hysteresis the optimizer moves to the better config
+    assert not ConfigOptimizer(cost, min_gain=0.0).choose(8, 0.2, current=(worse, None)).kept_current
+
+
+def test_slo_keeps_a_current_config_that_meets_it():
+    cost = tiny_cost(800_000)
+    opt = ConfigOptimizer(cost, min_gain=0.0)
+    cur = ParallelConfig(2, 2, 1, 2, 1)
+    ev = opt.evaluate(cur, None, 0.2)
+    assert opt.choose(4, 0.2, current=(cur, None), slo=ev.latency * 1.01).kept_current
+    best = opt.choose(4, 0.2, current=(cur, None))
+    assert best.kept_current == (best.config == cur)
+
+
+def test_current_that_no_longer_fits_is_replaced():
+    cost = tiny_cost(800_000)
+    cur = ParallelConfig(4, 2, 1, 1, 1)
+    choice = ConfigOptimizer(cost, min_gain=0.9).choose(6, 0.2, current=(cur, None))
+    assert not choice.kept_current and choice.config.world_size <= 6
+
+
+def test_extra_replica_uses_leftover_gpus():
+    cost = tiny_cost(300_000)  # smallest replica: 3 GPUs
+    opt = ConfigOptimizer(cost)
+    choice = opt.choose(9, 5000.0)  # overloaded: maximise throughput
+    assert choice.extra is not None
+    none = ConfigOptimizer(cost, allow_extra=False).choose(9, 5000.0)
+    assert none.extra is None and choice.throughput > none.throughput
+
+
+def test_20b_on_t4_table_rows_are_feasible_and_meet_rate(cost20b):
+    opt = ConfigOptimizer(cost20b)
+    prev = math.inf
+    for n in range(4, 13):
+        ch = opt.choose(4 * n, 0.35)
+        assert ch.meets_rate and ch.config.world_size <= 4 * n
+        assert ch.latency <= prev + 1e-9  # more GPUs never make the chosen latency worse
+        prev = ch.latency
+    assert opt.choose(4, 0.35).config is None  # one T4 instance cannot hold 20B in fp32
