@@ -1,0 +1,75 @@
+"""One worker's model runner: its stage's weights and KV cache, and a pipelined forward of one step.
+
+A step's requests are split into micro-batches; stage s receives micro-batch m from stage s-1,
+runs its layers and sends it on (asynchronously, so it can start m+1 while s+1 works on m). The
+last stage computes logits of each request's last new token and samples; the sampled tokens are
+broadcast to every worker of the replica, so all of them see the same new token per request.
+"""
+from __future__ import annotations
+
+import torch
+
+from spotserve.engine.batch import Work, build_batch
+from spotserve.engine.config import EngineConfig
+from spotserve.engine.dist import DistContext
+from spotserve.engine.kv_cache import KVCache
+from spotserve.engine.model import StageModel
+from spotserve.engine.sampling import sample
+from spotserve.models import sharding
+from spotserve.models.loader import TORCH_DTYPES, load_shard
+from spotserve.models.spec import ModelSpec
+
+
+class ModelRunner:
+    """Executes steps for position (stage, shard) of a replica."""
+
+    def __init__(self, config: EngineConfig, spec: ModelSpec, ctx: DistContext,
+                 weights: dict[str, torch.Tensor] | None = None):
+        if (ctx.pp, ctx.tp) != (config.pp, config.tp):
+            raise ValueError(f"process layout pp={ctx.pp} tp={ctx.tp} differs from config pp={config.pp} tp={config.tp}")
+        self.config, self.spec, self.ctx = config, spec, ctx
+        self.device = torch.device(config.device)
+        self.dtype = TORCH_DTYPES[config.dtype]
+        if weights is None:
+            weights = load_shard(config.model_dir, config.pp, ctx.stage, config.tp, ctx.shard, dtype=self.dtype)
+        weights = {k: v.to(self.device, self.dtype) for k, v in weights.items()}
+        self.model = StageModel(spec, config.pp, ctx.stage, weights, ctx.comm).eval()
+        layers = sharding.stage_layers(spec.num_layers, config.pp, ctx.stage)
+        self.layers = (layers.start, layers.stop)
+        self.heads = sharding.partition(spec.kv_heads, config.tp, ctx.shard)
+        self.cache = KVCache(config.num_blocks, len(layers), self.heads[1] - self.heads[0], config.block_size,
+                             spec.head_dim, self.dtype, self.device)
+        self.last_logits: torch.Tensor | None = None  # [batch, vocab] of the latest step (last stage only)
+
+    def micro_batches(self, work: list[Work]) -> list[list[Work]]:
+        """Contiguous, balanced split of a step's requests into at most config.micro_batches parts."""
+        m = min(self.config.micro_batches, len(work))
+        return [work[slice(*sharding.partition(len(work), m, i))] for i in range(m)]
+
+    @torch.inference_mode()
+    def step(self, work: list[Work]) -> list[int]:
+        """Run one step for `work` (the same list on every worker); returns the new token of each request."""
+        if not work:
+            return []
+        ctx, model = self.ctx, self.model
+        sends, logits = [], []
+        for mb in self.micro_batches(work):
+            batch = build_batch(mb, self.cache, self.device)
+            batch.cos, batch.sin = model.rope(batch.positions, self.dtype)
+            if ctx.is_first:
+                h = model.embed_tokens(batch.ids, batch.positions)
+            else:
+                h = ctx.recv_prev(torch.empty(batch.num_tokens, self.spec.hidden, dtype=self.dtype, device=self.device))
+            h = model(h, batch, self.cache)
+            if ctx.is_last:
+                logits.append(model.logits(h[batch.last_index]))
+            else:
+                sends.append((ctx.send_next(h), h))  # keep h alive until the send completes
+        ctx.wait([handle for handle, _ in sends])
+        tokens = torch.zeros(len(work), dtype=torch.long, device=self.device)
+        if ctx.is_last:
+            self.last_logits = torch.cat(logits).float()
+            picked = sample(self.last_logits, [w.params for w in work], [w.index for w in work])
+            tokens = torch.tensor(picked, dtype=torch.long, device=self.device)
+        ctx.broadcast_replica(tokens, ctx.sampler_rank)
+        return [int(t) for t in tokens.tolist()]
