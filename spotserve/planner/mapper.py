@@ -95,10 +95,12 @@ class DeviceMapper:
             return {}
         alive = {g.id for g in gpus}
         kv = kv_per_layer_by_replica(self.cost, requests)
+        held: dict[int, list[str]] = defaultdict(list)
+        for p, g in current.placement.items():
+            held[p.replica].append(g)
         olds = []
-        for r, sh in enumerate(replica_shapes(current.config, current.extra)):
-            held = [current.placement[p] for p in current.positions() if p.replica == r]
-            surv = sum(g in alive for g in held) / len(held)
+        for r in range(len(replica_shapes(current.config, current.extra))):
+            surv = sum(g in alive for g in held[r]) / len(held[r])
             olds.append((-kv.get(r, 0.0) * surv, -surv, r))
         olds.sort()
         n_new = config.dp + (1 if extra is not None else 0)
