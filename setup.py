@@ -54,8 +54,10 @@ class CMakeBuild(build_ext):
             f"-DSPOTSERVE_CUDA={'ON' if cuda else 'OFF'}",
             "-G", "Ninja",
         ]
-        if cuda and not os.environ.get("CMAKE_CUDA_ARCHITECTURES"):
-            args.append("-DCMAKE_CUDA_ARCHITECTURES=75;80;90")
+        if cuda:
+            # sm_75 (T4), sm_80 (A100), sm_90 (H100/H200) unless the environment narrows it.
+            archs = os.environ.get("CMAKE_CUDA_ARCHITECTURES", "75;80;90")
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={archs}")
         args += os.environ.get("CMAKE_ARGS", "").split()
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         print(f"spotserve: building _C with CUDA={'on' if cuda else 'off'}", flush=True)
