@@ -37,6 +37,13 @@ def _want_cuda() -> bool:
 
 
 class CMakeBuild(build_ext):
+    def get_outputs(self) -> list[str]:
+        # The context daemon executable is built beside _C; list it so editable installs and
+        # wheels carry it.
+        outs = super().get_outputs()
+        daemon = Path(self.get_ext_fullpath("spotserve._C")).parent / "bin" / "spotserve-daemon"
+        return outs + [str(daemon)] if daemon.exists() else outs
+
     def build_extension(self, ext: Extension) -> None:
         import pybind11
         import torch

@@ -4,6 +4,10 @@
 
 namespace py = pybind11;
 
+namespace spotserve {
+void register_cuda_ipc(py::module_& m);  // cuda_ipc.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "spotserve native extension: torch ops (torch.ops.spotserve.*) and helpers";
 #ifdef SPOTSERVE_WITH_CUDA
@@ -12,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("abi_version") = 1;
+  spotserve::register_cuda_ipc(m);
 }
