@@ -18,6 +18,8 @@ class EngineConfig:
     (prefill budget; a single longer request is still admitted alone).
     micro_batches: how many micro-batches one step is split into across pipeline stages.
     timeout_s: limit of every collective / point-to-point call; a peer silent for longer is lost.
+    cuda_graphs: replay decode steps from CUDA graphs (GPU, pp = tp = 1); off: the same static
+    step runs eagerly.
     """
 
     model_dir: str
@@ -31,6 +33,7 @@ class EngineConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     timeout_s: float = 60.0
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if not isinstance(self.model_dir, str) or not self.model_dir:

@@ -76,11 +76,17 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(_checked(spec, weights, prefix + ".bias", comm, None)) if bias else None
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        if reduce and self.comm.size == 1:
+            return F.linear(x, self.weight, self.bias)  # bias in the GEMM's epilogue
         y = F.linear(x, self.weight)
         if not reduce:
             return y
         y = self.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+    def accumulate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out += x W_local^T in one GEMM (beta = 1), unreduced and without the bias; returns out."""
+        return out.addmm_(x, self.weight.t())
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -4,6 +4,9 @@ A step's requests are split into micro-batches; stage s receives micro-batch m f
 runs its layers and sends it on (asynchronously, so it can start m+1 while s+1 works on m). The
 last stage computes logits of each request's last new token and samples; the sampled tokens are
 broadcast to every worker of the replica, so all of them see the same new token per request.
+A one-stage replica runs decode-only steps on static buffers (graphs.StaticDecoder: padded to a
+batch bucket, replayed from a CUDA graph on the GPU with tp=1); the sole host synchronisation of a
+step is reading its new tokens at the end.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 from spotserve.engine.batch import Work, build_batch
 from spotserve.engine.config import EngineConfig
 from spotserve.engine.dist import DistContext
+from spotserve.engine.graphs import StaticDecoder
 from spotserve.engine.kv_cache import KVCache
 from spotserve.engine.model import StageModel
 from spotserve.engine.sampling import sample
@@ -34,12 +38,23 @@ class ModelRunner:
             weights = load_shard(config.model_dir, config.pp, ctx.stage, config.tp, ctx.shard, dtype=self.dtype)
         weights = {k: v.to(self.device, self.dtype) for k, v in weights.items()}
         self.model = StageModel(spec, config.pp, ctx.stage, weights, ctx.comm).eval()
+        del weights
         layers = sharding.stage_layers(spec.num_layers, config.pp, ctx.stage)
         self.layers = (layers.start, layers.stop)
         self.heads = sharding.partition(spec.kv_heads, config.tp, ctx.shard)
         self.cache = KVCache(config.num_blocks, len(layers), self.heads[1] - self.heads[0], config.block_size,
                              spec.head_dim, self.dtype, self.device)
-        self.last_logits: torch.Tensor | None = None  # [batch, vocab] of the latest step (last stage only)
+        self.decoder = None
+        if config.pp == 1:
+            # CUDA graphs hold no collectives here: tp > 1 runs the same static step eagerly.
+            self.decoder = StaticDecoder(self.model, self.cache, config.max_batch, spec.max_positions,
+                                         use_graphs=config.cuda_graphs and config.tp == 1)
+        self._logits: torch.Tensor | None = None
+
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        """Float logits [batch, vocab] of the latest step (last stage only, else None)."""
+        return None if self._logits is None else self._logits.float()
 
     def micro_batches(self, work: list[Work]) -> list[list[Work]]:
         """Contiguous, balanced split of a step's requests into at most config.micro_batches parts."""
@@ -51,11 +66,23 @@ class ModelRunner:
         """Run one step for `work` (the same list on every worker); returns the new token of each request."""
         if not work:
             return []
+        ctx = self.ctx
+        if self.decoder is not None and all(len(w.tokens) == 1 for w in work):
+            tokens, self._logits = self.decoder.run(work)
+        else:
+            tokens, self._logits = self._pipelined_step(work)
+        if ctx.is_last and not all(w.params.greedy for w in work):
+            picked = sample(self._logits.float(), [w.params for w in work], [w.index for w in work])
+            tokens = torch.tensor(picked, dtype=torch.long, device=self.device)
+        ctx.broadcast_replica(tokens, ctx.sampler_rank)
+        return tokens.tolist()
+
+    def _pipelined_step(self, work: list[Work]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """General step (prefill, mixed, or any step with pp > 1): greedy tokens and logits (last stage)."""
         ctx, model = self.ctx, self.model
         sends, logits = [], []
         for mb in self.micro_batches(work):
             batch = build_batch(mb, self.cache, self.device)
-            batch.cos, batch.sin = model.rope(batch.positions, self.dtype)
             if ctx.is_first:
                 h = model.embed_tokens(batch.ids, batch.positions)
             else:
@@ -66,10 +93,7 @@ class ModelRunner:
             else:
                 sends.append((ctx.send_next(h), h))  # keep h alive until the send completes
         ctx.wait([handle for handle, _ in sends])
-        tokens = torch.zeros(len(work), dtype=torch.long, device=self.device)
-        if ctx.is_last:
-            self.last_logits = torch.cat(logits).float()
-            picked = sample(self.last_logits, [w.params for w in work], [w.index for w in work])
-            tokens = torch.tensor(picked, dtype=torch.long, device=self.device)
-        ctx.broadcast_replica(tokens, ctx.sampler_rank)
-        return [int(t) for t in tokens.tolist()]
+        if not ctx.is_last:
+            return torch.zeros(len(work), dtype=torch.long, device=self.device), None
+        out = torch.cat(logits) if len(logits) > 1 else logits[0]
+        return torch.argmax(out, dim=-1), out

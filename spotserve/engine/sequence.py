@@ -43,7 +43,7 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler looks requests up in lists every step
 class Sequence:
     """One request. tokens = prompt + output; KV exists for the first num_cached tokens.
 
@@ -84,6 +84,9 @@ class Sequence:
     @property
     def pending(self) -> list[int]:
         """Tokens the next step feeds: those without KV (the whole prefix after a preemption)."""
+        skip = self.num_cached - len(self.prompt)
+        if skip >= 0:  # decode: only output tokens are pending (no copy of the whole prefix)
+            return self.output[skip:]
         return self.tokens[self.num_cached:]
 
     @property

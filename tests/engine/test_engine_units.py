@@ -181,22 +181,39 @@ def test_request_kv_bytes_roundtrip_and_errors():
         RequestKV.from_bytes(save({"x": torch.zeros(1)}))
 
 
-def test_kv_cache_write_read_and_blocks():
+def test_kv_cache_layout_write_read_and_blocks():
+    """Per-layer k/v caches are contiguous kernel-layout views; export/import go through RequestKV layout."""
+    from spotserve import ops
+
     cache = KVCache(num_blocks=6, num_layers=2, kv_heads=3, block_size=4, head_dim=5)
+    k_cache, v_cache = cache.layer(1)
+    assert k_cache.shape == (6, 4, 3, 5) and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert cache.bytes_per_token == 2 * 2 * 3 * 5 * 4
     table = [4, 1, 3]
+    slots = cache.slots(table, 0, 10)
+    assert slots[:5] == [16, 17, 18, 19, 4] and slots[9] == 13
     k, v = torch.randn(10, 3, 5), torch.randn(10, 3, 5)
-    blocks, offsets = cache.slots(table, 0, 10)
-    cache.write(1, k, v, blocks, offsets)
+    ops.write_kv_cache(k, v, k_cache, v_cache, torch.tensor(slots))
     rk, rv = cache.read(1, torch.tensor(table), 10)
-    assert torch.equal(rk, k.transpose(0, 1)) and torch.equal(rv, v.transpose(0, 1))
-    assert torch.equal(cache.data[:, 0], torch.zeros_like(cache.data[:, 0]))  # other layer untouched
+    assert torch.equal(rk, k) and torch.equal(rv, v)
+    assert torch.equal(cache.data[0], torch.zeros_like(cache.data[0]))  # other layer untouched
     exported = cache.export_blocks(table)
+    assert exported.shape == (3, 2, 2, 3, 4, 5)  # [blocks, layers, K/V, kv_heads, block_size, head_dim]
+    flat = exported.permute(1, 2, 3, 0, 4, 5).reshape(2, 2, 3, 12, 5)
+    assert torch.equal(flat[1, 0, :, :10], k.transpose(0, 1)) and torch.equal(flat[1, 1, :, :10], v.transpose(0, 1))
     other = KVCache(6, 2, 3, 4, 5)
     other.import_blocks([0, 2, 5], exported)
     assert torch.equal(other.read(1, torch.tensor([0, 2, 5]), 10)[0], rk)
     with pytest.raises(ValueError, match="do not fit"):
         other.import_blocks([0, 2], exported)
     assert torch.equal(reblock(exported, 10, 4), exported)
+
+
+def test_static_decoder_buckets():
+    from spotserve.engine.graphs import batch_buckets
+
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets(3) == [1, 2, 3] and batch_buckets(1) == [1] and batch_buckets(12) == [1, 2, 4, 8, 12]
 
 
 def test_context_positions_and_single_process():
