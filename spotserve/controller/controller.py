@@ -8,6 +8,8 @@ migrating is planned right after. Rerouting's replica bookkeeping lives in rerou
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from spotserve.controller.approach import Approach
 from spotserve.controller.backend import Backend, BackendEvents, Progress
 from spotserve.controller.events import EventLog
@@ -15,6 +17,7 @@ from spotserve.controller.instances import ONDEMAND, SPOT, InstanceManager
 from spotserve.controller.replicas import Replica
 from spotserve.controller.requests import RUNNING, RequestManager
 from spotserve.controller.rerouting import ReroutingMixin
+from spotserve.planner.migration import estimate_seconds
 from spotserve.planner.types import GPU, ParallelConfig, ReconfigurationPlan, RunningRequest
 
 SERVING, DRAINING, MIGRATING = "serving", "draining", "migrating"
@@ -183,7 +186,8 @@ class Controller(ReroutingMixin, BackendEvents):
                       extra=plan.extra.short() if plan.extra else None, cannot_serve=plan.cannot_serve,
                       est_seconds=round(plan.est_seconds, 4), migrate_at=round(migrate_at, 4),
                       deadline=deadline, transfers=len(plan.transfers), disk_bytes=plan.disk_bytes,
-                      reused_bytes=plan.reused_bytes)
+                      reused_bytes=plan.reused_bytes, gpus=len(gpus),
+                      est_latency=round(plan.est_latency, 4) if plan.est_latency not in (None, float("inf")) else None)
         for r in self.replicas.values():
             if r.batch_id is not None:
                 self.backend.stop_batch(r.index, r.batch_id, migrate_at)
@@ -203,15 +207,18 @@ class Controller(ReroutingMixin, BackendEvents):
 
     def _keep_for(self, req, decision) -> str:
         """How an interrupted request's context survives under this approach."""
-        if self.approach.mode != "spotserve":
-            return "none"
+        if self.approach.mode != "spotserve" or not self.approach.arranger:
+            return "none"  # baselines and the no-arranger ablation: no KV migration, restart from scratch
+        plan = self.pending[1] if self.pending else None
+        rid = str(req.id)
+        moved = "kv" if plan is not None and rid in plan.continued and rid not in plan.lost_kv else "tokens"
         if decision is None:
-            if not self.pending or self.pending[4] is None:
-                return "kv"  # no deadline (acquisition, rate change): the KV cache moves with the weights
-            return "tokens" if self.approach.arranger else "none"
-        d = decision.by_id().get(str(req.id))
+            # no deadline (acquisition, rate change): the KV cache moves with the weights if the plan
+            # carries it; a notice without a decision (nothing to move to) keeps the committed tokens
+            return moved if not self.pending or self.pending[4] is None else "tokens"
+        d = decision.by_id().get(rid)
         if d is None or d.action in ("move_kv", "finish"):
-            return "kv"  # "finish": it was expected to end before migration; its cache moves if not
+            return moved  # "finish": it was expected to end before migration; its cache moves if not
         return "tokens"  # reprefill (prompt + committed tokens) or requeue with committed tokens
 
     def _maybe_migrate(self, seq: int) -> None:
@@ -219,7 +226,7 @@ class Controller(ReroutingMixin, BackendEvents):
             return
         if self.backend.now() + 1e-9 < self.pending[3] or any(r.batch_id is not None for r in self.replicas.values()):
             return
-        plan = self.pending[1]
+        plan = self._without_finished_kv(self.pending[1])
         now = self.backend.now()
         self.phase = MIGRATING
         if not plan.serving:
@@ -241,6 +248,19 @@ class Controller(ReroutingMixin, BackendEvents):
                 self.backend.call_at(now + t, self.dispatch)
         self.backend.execute_plan(plan, self.pending[0], stall)
         self.dispatch()
+
+    def _without_finished_kv(self, plan: ReconfigurationPlan) -> ReconfigurationPlan:
+        """The plan less the KV transfers of requests that finished (or lost their cache) while draining:
+        only caches that still exist move, and only they count in the migration time."""
+        if not any(t.tensor == "kv" for t in plan.transfers):
+            return plan
+        keep = {str(rid) for rid in self.requests.queue if self.requests.requests[rid].kv_ready}
+        moved = [t for t in plan.transfers if t.tensor != "kv" or t.request in keep]
+        if len(moved) == len(plan.transfers):
+            return plan
+        est = estimate_seconds(moved, {g: g.split("/")[0] for t in moved for g in (t.src, t.dst) if g},
+                               self.policy.cost.bandwidth)
+        return replace(plan, transfers=moved, est_seconds=est)
 
     def on_plan_done(self, plan_id: int) -> None:
         """Migration finished (or a rerouting replica finished loading)."""

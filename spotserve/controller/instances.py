@@ -15,10 +15,13 @@ STARTING, READY, NOTICED, GONE, RELEASED = "starting", "ready", "noticed", "gone
 
 @dataclass(frozen=True)
 class InstanceConfig:
-    """Cloud parameters (paper: g4dn.12xlarge, 4 x T4 16 GB, 30 s grace, $1.9046 / $3.912 an hour)."""
+    """Cloud parameters (paper: g4dn.12xlarge, 4 x T4 16 GB, 30 s grace, $1.9046 / $3.912 an hour).
+
+    A T4's 16 GB of GDDR6 runs with ECC on (the default on AWS), which leaves 15 GiB (15360 MiB, as
+    nvidia-smi reports) to CUDA; that is the memory a config must fit."""
 
     gpus_per_instance: int = 4
-    gpu_memory_bytes: int = 16 * 1024**3
+    gpu_memory_bytes: int = 15 * 1024**3
     grace_s: float = 30.0
     startup_s: float = 0.0
     spot_usd_per_hour: float = 1.9046

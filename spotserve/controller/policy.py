@@ -1,17 +1,16 @@
 """Policy: the one place where the controller meets the planner and the cost model.
 
 It answers the controller's questions (how long a prefill / decode step takes, which layout to
-serve next, when migration must start, how long serving pauses) and applies an approach's
-switches by swapping planner components (controller/switches.py): one spotserve.planner.Planner
-per switch combination, so every approach runs the same planner code.
+serve next, when migration must start, how long serving pauses) and turns an approach's switches
+into the planner's own (PlannerSwitches): one spotserve.planner.Planner per switch combination, so
+every approach runs the same planner code.
 """
 from __future__ import annotations
 
 from spotserve.controller.approach import Approach
-from spotserve.controller.switches import FrozenOptimizer, RankMapper
 from spotserve.planner.cost import CostModel, stage_layer_ranges
 from spotserve.planner.optimizer import ConfigOptimizer
-from spotserve.planner.planner import Planner
+from spotserve.planner.planner import Planner, PlannerSwitches
 from spotserve.planner.types import GPU, ParallelConfig, ReconfigurationPlan
 
 
@@ -51,14 +50,17 @@ class Policy:
     # --- decisions ----------------------------------------------------------------------------
     def planner(self, approach: Approach, frozen: ParallelConfig | None) -> Planner:
         """The Planner for this switch combination (built once)."""
-        key = (approach.mapper, frozen)
-        p = self._planners.get(key)
+        sw = self.switches(approach, frozen)
+        p = self._planners.get(sw)
         if p is None:
-            p = Planner(self.cost, optimizer=FrozenOptimizer(self.cost, frozen) if frozen is not None else None)
-            if not approach.mapper:
-                p.mapper = RankMapper(self.cost)
-            self._planners[key] = p
+            p = self._planners[sw] = Planner(self.cost, sw)
         return p
+
+    @staticmethod
+    def switches(approach: Approach, frozen: ParallelConfig | None) -> PlannerSwitches:
+        """The planner switches of an approach (``frozen``: its fixed replica shape, if any)."""
+        return PlannerSwitches(fixed_shape=frozen, rank_mapper=not approach.mapper,
+                               memory_aware=approach.migration_planner, move_kv=approach.arranger)
 
     def plan(self, gpus: list[GPU], rate: float, current, running, leaving: list[GPU], approach: Approach,
              frozen: ParallelConfig | None) -> ReconfigurationPlan:

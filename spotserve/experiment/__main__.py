@@ -29,6 +29,8 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--spot-price", type=float, default=1.9046, help="USD per spot instance-hour")
     p.add_argument("--ondemand-price", type=float, default=3.912, help="USD per on-demand instance-hour")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch the optimizer may choose")
+    p.add_argument("--gpu-memory-gib", type=float, default=15.0,
+                   help="memory per GPU visible to CUDA (T4 16 GB with ECC: 15 GiB)")
     p.add_argument("--arrivals", help="arrival file (name under arrivals/ or a path) instead of the paper's")
     p.add_argument("--arrival-cv", type=float, help="use a Gamma arrival process with this CV instead of a file")
     p.add_argument("--rate", type=float, help="arrival rate (req/s) for --arrival-cv (default: the paper's)")
@@ -71,7 +73,8 @@ def _options(args):
 
     return RunOptions(root=data_dir(args.data_dir), out=Path(args.out), grace_s=args.grace, startup_s=args.startup,
                       spot_usd_per_hour=args.spot_price, ondemand_usd_per_hour=args.ondemand_price,
-                      max_batch=args.max_batch, arrival_cv=args.arrival_cv, arrivals=args.arrivals, rate=args.rate,
+                      max_batch=args.max_batch, gpu_memory_bytes=int(args.gpu_memory_gib * 2**30),
+                      arrival_cv=args.arrival_cv, arrivals=args.arrivals, rate=args.rate,
                       seed=args.seed, progress=not args.no_progress)
 
 

@@ -10,7 +10,7 @@ from spotserve.cloud.availability import AvailabilityEvent, AvailabilityTrace
 from spotserve.controller.approach import get_approach
 from spotserve.controller.instances import InstanceConfig
 from spotserve.experiment import plots
-from spotserve.experiment.data import FIDELITY_NOTE, load_cost, load_trace, model_setting
+from spotserve.experiment.data import FIDELITY_NOTE, T4_MEMORY_BYTES, load_cost, load_trace, model_setting
 from spotserve.experiment.outputs import write_result, write_summary
 from spotserve.sim.run import SimConfig, SimResult, simulate
 from spotserve.sim.traces import Arrival, gamma_arrivals, load_arrivals
@@ -27,6 +27,7 @@ class RunOptions:
     spot_usd_per_hour: float = 1.9046
     ondemand_usd_per_hour: float = 3.912
     max_batch: int = 4
+    gpu_memory_bytes: int = T4_MEMORY_BYTES
     arrival_cv: float | None = None
     arrivals: str | None = None
     rate: float | None = None
@@ -36,8 +37,8 @@ class RunOptions:
     def sim_config(self) -> SimConfig:
         inst = InstanceConfig(grace_s=self.grace_s, startup_s=self.startup_s,
                               spot_usd_per_hour=self.spot_usd_per_hour,
-                              ondemand_usd_per_hour=self.ondemand_usd_per_hour)
-        return SimConfig(instance=inst, max_batch=self.max_batch)
+                              ondemand_usd_per_hour=self.ondemand_usd_per_hour, gpu_memory_bytes=self.gpu_memory_bytes)
+        return SimConfig(instance=inst)
 
 
 def workload(model: str, duration: float, opts: RunOptions) -> tuple[list[Arrival], str]:
@@ -58,7 +59,7 @@ def run_cell(model: str, trace: AvailabilityTrace, approaches: list[str], opts: 
              arrivals: list[Arrival] | None = None, arrivals_note: str = "", labels: dict[str, str] | None = None,
              kind: str = "e2e") -> dict[str, dict]:
     """Simulate each approach on one trace; write per-approach outputs and summary.json under `out`."""
-    cost = load_cost(model, opts.root, opts.max_batch)
+    cost = load_cost(model, opts.root, opts.max_batch, opts.gpu_memory_bytes)
     if arrivals is None:
         arrivals, arrivals_note = workload(model, trace.duration, opts)
     summaries: dict[str, dict] = {}
@@ -72,7 +73,8 @@ def run_cell(model: str, trace: AvailabilityTrace, approaches: list[str], opts: 
         summaries[label] = res.summary
     bar.close()
     meta = {"kind": kind, "model": model, "trace": trace.name, "arrivals": arrivals_note, "note": FIDELITY_NOTE,
-            "grace_s": opts.grace_s, "startup_s": opts.startup_s, "max_batch": opts.max_batch}
+            "grace_s": opts.grace_s, "startup_s": opts.startup_s, "max_batch": opts.max_batch,
+            "gpu_memory_gib": opts.gpu_memory_bytes / 2**30}
     write_summary(out, summaries, meta)
     return summaries
 

@@ -86,7 +86,9 @@ class InterruptionArranger:
         w = plan.weights_seconds
         k, finishing = 0, set()
         if deadline is not None and plan.serving and d > 0:
-            slack = deadline - now - w
+            # The plan's own estimate (busiest link over weights and KV together) can exceed weights +
+            # per-replica KV time when KV and weights share a link: never plan for less than it.
+            slack = deadline - now - max(w, plan.est_seconds - kv_seconds(0, set()))
             while True:
                 k = self._max_steps(slack, d, lambda kk: kv_seconds(kk, finishing))
                 if k is None:  # even stopping now is too late: cheapest caches first keep moving

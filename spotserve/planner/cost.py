@@ -86,7 +86,9 @@ class CostModel:
 
     def __init__(self, profile: Profile, spec: ModelSpec, gpu_memory_bytes: int | None = None,
                  reserved_bytes: int | None = None, bandwidth: dict[str, float] | None = None,
-                 workload: Workload = Workload()):
+                 workload: Workload = Workload(), max_batch: int | None = None):
+        """``max_batch`` caps the batch sizes the optimizer may choose (the artifact served at most 4);
+        ValueError when it is below every profiled batch size."""
         self.profile, self.spec, self.workload = profile, spec, workload
         self.dtype_bytes = DTYPE_BYTES[profile.dtype]
         mem = gpu_memory_bytes or profile.gpu_memory_bytes
@@ -99,7 +101,12 @@ class CostModel:
         self.tps = [tp for tp in profile.tps if spec.valid_tp(tp)]
         if not self.tps:
             raise ValueError(f"profile {profile.name}: no profiled tp splits {spec.name}'s heads")
-        self.batches = profile.batches(self.tps[0])
+        profiled = profile.batches(self.tps[0])
+        self.max_batch = max_batch
+        self.batches = [b for b in profiled if max_batch is None or b <= max_batch]
+        if not self.batches:
+            raise ValueError(f"profile {profile.name}: max_batch {max_batch} is below every profiled batch size "
+                             f"{profiled}")
         # per-tp interpolation tables (batch sizes, prefill s, decode s)
         self._tables = {}
         for tp in self.tps:
@@ -260,21 +267,3 @@ class CostModel:
         """Requests/s of all dp replicas."""
         c = config
         return float(c.dp * self.replica_throughput(c.pp, c.tp, c.batch, c.micro_batches))
-
-
-def queue_factor(rho):
-    """Latency multiplier for waiting behind running batches: 1 + rho / (2 (1 - rho)) (M/D/1-style
-    wait of a deterministic batch service at utilisation rho); inf at rho >= 1."""
-    rho = np.asarray(rho, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(rho < 1, 1 + rho / (2 * (1 - rho)), np.inf)
-
-
-def expected_latency(replicas: list[tuple[float, float]], arrival_rate: float) -> tuple[float, float]:
-    """(expected request latency s, total throughput req/s) of replicas given as (batch seconds,
-    throughput) when requests spread in proportion to throughput."""
-    phi = sum(p for _, p in replicas)
-    if phi <= 0:
-        return math.inf, 0.0
-    mean_t = sum(t * p for t, p in replicas) / phi
-    return float(mean_t * queue_factor(arrival_rate / phi)), phi

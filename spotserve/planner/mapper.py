@@ -8,6 +8,9 @@ The assignment maximising the total is a maximum-weight bipartite matching, solv
 scipy.optimize.linear_sum_assignment on the rows and columns that have any weight. Positions left
 with zero reuse are then filled instance by instance so that a tensor-parallel group stays inside
 one instance where it can; this cannot lower the total (see ``_fill``).
+
+Switch (the no-mapper ablation): ``by_rank=True`` places positions on GPUs in rank order (the GPUs'
+given order: instance acquisition order, then index), ignoring what they hold.
 """
 from __future__ import annotations
 
@@ -84,8 +87,8 @@ def kv_per_layer_by_replica(cost: CostModel, requests: list[RunningRequest], cap
 class DeviceMapper:
     """Maximum-context-reuse placement of a new config onto GPUs."""
 
-    def __init__(self, cost: CostModel):
-        self.cost = cost
+    def __init__(self, cost: CostModel, by_rank: bool = False):
+        self.cost, self.by_rank = cost, by_rank
 
     def choose_inherits(self, config: ParallelConfig, extra: ParallelConfig | None, current: ReconfigurationPlan | None,
                         gpus: list[GPU], requests: list[RunningRequest]) -> dict[int, int]:
@@ -162,6 +165,9 @@ class DeviceMapper:
             raise ValueError("assign: duplicate GPU ids")
         inherits = self.choose_inherits(config, extra, current, gpus, list(requests))
         W, table = self.weight_matrix(config, extra, gpus, current, requests, inherits)
+        if self.by_rank:
+            reused = float(W[np.arange(len(table)), np.arange(len(table))].sum()) if len(table) else 0.0
+            return Mapping({p: gpus[i].id for i, p in enumerate(table.positions)}, inherits, reused)
         assigned = np.full(len(table), -1)
         rows = np.nonzero(W.max(axis=1, initial=0) > 0)[0]
         cols = np.nonzero(W.max(axis=0, initial=0) > 0)[0]

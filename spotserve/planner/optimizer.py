@@ -3,17 +3,19 @@
 Search space: every profiled shape S = (pp, tp, batch, micro_batches) that fits GPU memory, run as
 dp = floor(N / (pp * tp)) replicas (for a fixed shape more replicas never raise the expected latency,
 so smaller dp is dominated), plus optionally one extra replica of any feasible shape E built from
-the N - dp * pp * tp leftover GPUs. Requests spread over replicas in proportion to throughput, so
+the N - dp * pp * tp leftover GPUs. ``latency(S, E)`` is the expected request latency under dynamic
+batching (planner/queueing.py: batch time at the batch size the load forces, the wait for a busy
+replica, and the overflow wait near capacity), requests spread over the groups by capacity.
 
-    latency(S, E) = mean batch time weighted by throughput * queue_factor(rate / throughput)
+Rule: among candidates whose full-batch throughput >= headroom * rate, minimise latency + migration
+penalty; if none, maximise throughput (then minimise the batch time). The migration penalty amortises
+the stall of moving from the current config: requests arriving during a stall of M seconds wait M/2
+on average, so over a horizon H the per-request cost is M^2 / (2 H). Hysteresis: the current config
+is kept while it still fits and meets the rate within the SLO, or when the best candidate gains less
+than ``min_gain`` (relative). With no feasible shape the result is an explicit cannot-serve choice.
 
-Rule: among candidates whose throughput >= headroom * rate, minimise latency + migration penalty;
-if none, maximise throughput (then minimise latency). The migration penalty amortises the stall of
-moving from the current config: requests arriving during a stall of M seconds wait M/2 on average,
-so over a horizon H the per-request cost is M^2 / (2 H). Hysteresis: the current config is kept
-while it still fits and meets the rate within the SLO, or when the best candidate gains less than
-``min_gain`` (relative). With no feasible shape the result is an explicit cannot-serve choice.
-Everything is vectorised with numpy over the whole space.
+Switch (the no-optimizer ablation and the rerouting baseline): ``fixed_shape`` restricts the space to
+that one replica shape (dp still follows the GPUs; no extra replica). Vectorised with numpy throughout.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spotserve.planner.cost import CostModel, queue_factor
+from spotserve.planner.cost import CostModel
+from spotserve.planner.queueing import batch_table, group_capacity, group_latency, mixed_latency
 from spotserve.planner.types import ParallelConfig
 
 
@@ -33,8 +36,8 @@ class Choice:
     config: ParallelConfig | None
     extra: ParallelConfig | None
     latency: float  # expected request latency (s), inf when the rate is not met
-    exec_latency: float  # throughput-weighted batch execution time (s)
-    throughput: float  # requests/s
+    exec_latency: float  # capacity-weighted full-batch execution time (s)
+    throughput: float  # requests/s at full batches
     meets_rate: bool
     migration_seconds: float = 0.0  # the optimizer's quick estimate, not the migration plan's
     kept_current: bool = False
@@ -43,14 +46,15 @@ class Choice:
 
 @dataclass
 class Shapes:
-    """Feasible replica shapes as parallel arrays."""
+    """Feasible replica shapes as parallel arrays, with their batch-time table T(b) (queueing.batch_table)."""
 
     pp: np.ndarray
     tp: np.ndarray
     batch: np.ndarray
     micro: np.ndarray
-    seconds: np.ndarray  # batch execution time
-    phi: np.ndarray  # requests/s of one replica
+    seconds: np.ndarray  # full-batch execution time
+    phi: np.ndarray  # requests/s of one replica at full batches
+    table: np.ndarray  # (shapes, max batch) batch seconds at b = 1..
 
     @property
     def size(self) -> np.ndarray:
@@ -64,34 +68,36 @@ class ConfigOptimizer:
     """Chooses the config for the GPUs available now, the arrival rate and the current config."""
 
     def __init__(self, cost: CostModel, headroom: float = 1.0, min_gain: float = 0.05,
-                 horizon_s: float = 300.0, allow_extra: bool = True):
+                 horizon_s: float = 300.0, allow_extra: bool = True, fixed_shape: ParallelConfig | None = None):
         if headroom < 1 or not 0 <= min_gain < 1 or horizon_s <= 0:
             raise ValueError("ConfigOptimizer: need headroom >= 1, 0 <= min_gain < 1, horizon_s > 0")
         self.cost, self.headroom, self.min_gain = cost, headroom, min_gain
-        self.horizon_s, self.allow_extra = horizon_s, allow_extra
+        self.horizon_s = horizon_s
+        self.fixed_shape = None if fixed_shape is None else \
+            ParallelConfig(1, fixed_shape.pp, fixed_shape.tp, fixed_shape.batch, fixed_shape.micro_batches)
+        self.allow_extra = allow_extra and fixed_shape is None
         self._shape_cache: dict[tuple[int, int], Shapes] = {}
 
     def shapes(self, n_gpus: int, gpu_memory_bytes: int) -> Shapes:
-        """All memory-feasible profiled shapes of at most n_gpus GPUs."""
+        """All memory-feasible profiled shapes of at most n_gpus GPUs (only the fixed shape if set)."""
         key = (min(n_gpus, self.cost.spec.num_layers * max(self.cost.tps)), gpu_memory_bytes)
         if key in self._shape_cache:
             return self._shape_cache[key]
-        rows = [(pp, tp, b, m) for tp in self.cost.tps for pp in range(1, self.cost.spec.num_layers + 1)
-                if pp * tp <= n_gpus for b in self.cost.batches for m in range(1, b + 1) if b % m == 0]
+        if self.fixed_shape is not None:
+            f = self.fixed_shape
+            rows = [(f.pp, f.tp, f.batch, f.micro_batches)] if f.pp * f.tp <= n_gpus else []
+        else:
+            rows = [(pp, tp, b, m) for tp in self.cost.tps for pp in range(1, self.cost.spec.num_layers + 1)
+                    if pp * tp <= n_gpus for b in self.cost.batches for m in range(1, b + 1) if b % m == 0]
         a = np.array(rows, dtype=np.int64).reshape(-1, 4)
         pp, tp, b, m = a.T
         ok = self.cost.feasible(pp, tp, b, m, gpu_memory_bytes) if len(a) else np.zeros(0, bool)
         pp, tp, b, m = pp[ok], tp[ok], b[ok], m[ok]
         secs = np.asarray(self.cost.batch_seconds(pp, tp, b, m) if len(pp) else np.zeros(0), float)
-        # For a fixed (pp, tp, batch) the micro-batch count changes only the batch time, and a shorter
-        # batch time is better for every objective here (latency and throughput; the migration cost
-        # does not depend on it), so keep the fastest micro-batching per (pp, tp, batch).
-        order = np.lexsort((secs, b, tp, pp))
-        pp, tp, b, m, secs = pp[order], tp[order], b[order], m[order], secs[order]
-        first = np.ones(len(pp), bool)
-        first[1:] = (pp[1:] != pp[:-1]) | (tp[1:] != tp[:-1]) | (b[1:] != b[:-1])
-        pp, tp, b, m, secs = pp[first], tp[first], b[first], m[first], secs[first]
-        shapes = Shapes(pp, tp, b, m, secs, b / secs)
+        table = batch_table(self.cost, pp, tp, b, m) if len(pp) else np.zeros((0, 1))
+        # Every micro-batching stays a separate shape: it changes T(b) differently at each batch size
+        # (and so the load share of an extra replica), so none dominates another in general.
+        shapes = Shapes(pp, tp, b, m, secs, b / secs, table)
         self._shape_cache[key] = shapes
         return shapes
 
@@ -110,6 +116,15 @@ class ConfigOptimizer:
         reuse = np.where(world <= kept, reuse, 0.0)  # fresh GPUs get everything over the network
         return np.where(same, 0.0, need * (1 - reuse) / self.cost.bandwidth["inter_bytes_per_s"])
 
+    def _cannot_serve(self, n_gpus: int, mem: int) -> Choice:
+        if self.fixed_shape is not None:
+            f = self.fixed_shape
+            why = f"fixed shape {f.short()} needs {f.pp * f.tp} GPUs of {mem / 2**30:.1f} GiB; have {n_gpus}"
+        else:
+            why = f"{self.cost.spec.name} needs at least {self.cost.min_gpus()} GPUs of {mem / 2**30:.1f} GiB; " \
+                  f"have {n_gpus}"
+        return Choice(None, None, math.inf, math.inf, 0.0, False, cannot_serve=why)
+
     def choose(self, n_gpus: int, arrival_rate: float, gpu_memory_bytes: int | None = None,
                current: tuple[ParallelConfig, ParallelConfig | None] | None = None,
                kept_gpus: int | None = None, slo: float | None = None) -> Choice:
@@ -124,55 +139,79 @@ class ConfigOptimizer:
         mem = self.cost.gpu_memory_bytes if gpu_memory_bytes is None else gpu_memory_bytes
         sh = self.shapes(n_gpus, mem) if n_gpus > 0 else None
         if sh is None or len(sh) == 0:
-            need = self.cost.min_gpus()
-            return Choice(None, None, math.inf, math.inf, 0.0, False, cannot_serve=(
-                f"{self.cost.spec.name} needs at least {need} GPUs of {mem / 2**30:.1f} GiB; have {n_gpus}"))
+            return self._cannot_serve(n_gpus, mem)
         cur_main = None
         if current is not None:
             cur_main = current[0]
             if kept_gpus is None:
                 kept_gpus = min(n_gpus, cur_main.world_size + (current[1].world_size if current[1] else 0))
         kept = kept_gpus or 0
-        size = sh.size
+        size, rows = sh.size, np.arange(len(sh))
         dp = n_gpus // size
         left = n_gpus - dp * size
-        phi_m = dp * sh.phi
-        a_m = phi_m * sh.seconds
+        cap_m = dp * sh.phi  # requests/s of the dp main replicas at full batches
         mig_m = self._migration_seconds(sh.pp, sh.tp, dp * size, cur_main, kept)
-        # column 0: no extra replica; columns 1..: extra shape j where it fits the leftover
-        phi = phi_m[:, None]
-        a = a_m[:, None]
-        mig = mig_m[:, None]
-        if self.allow_extra and len(sh) > 0:
-            fits = size[None, :] <= left[:, None]
-            phi = np.concatenate([phi, phi_m[:, None] + np.where(fits, sh.phi[None, :], 0.0)], axis=1)
-            a = np.concatenate([a, a_m[:, None] + np.where(fits, (sh.phi * sh.seconds)[None, :], 0.0)], axis=1)
-            mig_e = self._migration_seconds(sh.pp, sh.tp, dp[:, None] * size[:, None] + size[None, :],
-                                            cur_main, kept)
-            mig = np.concatenate([mig, np.maximum(mig_m[:, None], mig_e)], axis=1)
-            valid = np.concatenate([np.ones((len(sh), 1), bool), fits], axis=1)
-        else:
-            valid = np.ones_like(phi, bool)
-        mean_t = a / phi
-        lat = mean_t * queue_factor(arrival_rate / phi)
-        meets = valid & (phi >= self.headroom * arrival_rate) & np.isfinite(lat)
+        pen_m = mig_m ** 2 / (2 * self.horizon_s)
+        t1 = sh.table[:, 0]  # one-request batch time: no request of a group is faster
+        ok_m = cap_m >= self.headroom * arrival_rate
+
+        def latency(i, j):
+            """Expected latency of candidates (main shape i, extra shape j or -1), arrays."""
+            has = j >= 0
+            je = np.where(has, j, 0)
+            cap_e = np.where(has, sh.phi[je], 0.0)
+            share = arrival_rate * cap_m[i] / (cap_m[i] + cap_e)
+            return mixed_latency(group_latency(sh.table, i, sh.batch[i], dp[i], share), cap_m[i],
+                                 group_latency(sh.table, je, sh.batch[je], 1, arrival_rate - share), cap_e)
+
+        # candidates: shape i alone, and shape i plus an extra replica of a shape j that fits its leftover
+        lat_m = np.full(len(sh), np.inf)
+        lat_m[ok_m] = latency(rows[ok_m], np.full(int(ok_m.sum()), -1))
+        ii, jj = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if self.allow_extra:
+            by_size = np.argsort(size, kind="stable")
+            counts = np.searchsorted(size[by_size], left, side="right")
+            ii = np.repeat(rows, counts)
+            starts = np.repeat(np.cumsum(counts) - counts, counts)
+            jj = by_size[np.arange(len(ii)) - starts]
+        phi_p = cap_m[ii] + sh.phi[jj]
+        ok_p = phi_p >= self.headroom * arrival_rate
+        meets_m = ok_m & np.isfinite(lat_m)
+        if meets_m.any() or ok_p.any():
+            # Exact pruning: a group's latency is at least its one-request batch time T(1), so a pair's is
+            # at least the capacity-weighted T(1) of its groups (and its penalty at least the main one's):
+            # pairs are evaluated only where that bound beats the best single-shape candidate.
+            bound = np.min(np.where(meets_m, lat_m + pen_m, np.inf), initial=np.inf)
+            lower = (cap_m[ii] * t1[ii] + sh.phi[jj] * t1[jj]) / phi_p + pen_m[ii]
+            sel = np.nonzero(ok_p & (lower < bound))[0]
+        else:  # nothing meets the rate: maximise throughput, then minimise the batch time
+            top = max(cap_m.max(), phi_p.max(initial=0.0)) * (1 - 1e-12)
+            sel = np.nonzero(phi_p >= top)[0]
+        ci = np.concatenate([rows, ii[sel]])
+        cj = np.concatenate([np.full(len(sh), -1), jj[sel]])
+        phi = np.concatenate([cap_m, phi_p[sel]])
+        has_e = cj >= 0
+        je = np.where(has_e, cj, 0)
+        mig = mig_m[ci]
+        if has_e.any():
+            mig_e = self._migration_seconds(sh.pp[je], sh.tp[je], dp[ci] * size[ci] + size[je], cur_main, kept)
+            mig = np.where(has_e, np.maximum(mig, mig_e), mig)
         penalty = mig ** 2 / (2 * self.horizon_s)
+        mean_t = (dp[ci] * sh.batch[ci] + np.where(has_e, sh.batch[je], 0)) / phi
+        lat = np.concatenate([lat_m, latency(ii[sel], jj[sel]) if len(sel) else np.zeros(0)])
+        meets = (phi >= self.headroom * arrival_rate) & np.isfinite(lat)
         if meets.any():
-            score = np.where(meets, lat + penalty, np.inf)
-            i, j = np.unravel_index(np.argmin(score), score.shape)
+            k = int(np.argmin(np.where(meets, lat + penalty, np.inf)))
         else:
-            # max throughput first, then the shorter batch time
-            key = np.where(valid, phi, -np.inf)
-            best = key.max()
-            score = np.where(valid & (key >= best * (1 - 1e-12)), mean_t + penalty, np.inf)
-            i, j = np.unravel_index(np.argmin(score), score.shape)
+            top = phi.max() * (1 - 1e-12)
+            k = int(np.argmin(np.where(phi >= top, mean_t + penalty, np.inf)))
+            if not np.isfinite(lat[k]):
+                lat[k] = latency(ci[k:k + 1], cj[k:k + 1])[0]
+        ii, jj = ci, cj
+        i, j = int(ii[k]), int(jj[k])
         config = ParallelConfig(int(dp[i]), int(sh.pp[i]), int(sh.tp[i]), int(sh.batch[i]), int(sh.micro[i]))
-        extra = None
-        if j > 0:
-            e = j - 1
-            extra = ParallelConfig(1, int(sh.pp[e]), int(sh.tp[e]), int(sh.batch[e]), int(sh.micro[e]))
-        best = Choice(config, extra, float(lat[i, j]), float(mean_t[i, j]), float(phi[i, j]),
-                      bool(meets[i, j]), float(mig[i, j]))
+        extra = None if j < 0 else ParallelConfig(1, int(sh.pp[j]), int(sh.tp[j]), int(sh.batch[j]), int(sh.micro[j]))
+        best = Choice(config, extra, float(lat[k]), float(mean_t[k]), float(phi[k]), bool(meets[k]), float(mig[k]))
         if current is not None:
             kept_choice = self._keep_current(current, n_gpus, mem, arrival_rate, best, slo)
             if kept_choice is not None:
@@ -180,13 +219,16 @@ class ConfigOptimizer:
         return best
 
     def evaluate(self, config: ParallelConfig, extra: ParallelConfig | None, arrival_rate: float) -> Choice:
-        """Latency and throughput of a given (config, extra) at ``arrival_rate``."""
+        """Latency and throughput of a given (config, extra) at ``arrival_rate`` (same model as choose)."""
         reps = [config] + ([extra] if extra else [])
-        secs = [float(self.cost.batch_seconds(c.pp, c.tp, c.batch, c.micro_batches)) for c in reps]
-        phis = [c.dp * c.batch / s for c, s in zip(reps, secs)]
-        phi = sum(phis)
-        mean_t = sum(p * s for p, s in zip(phis, secs)) / phi
-        lat = float(mean_t * queue_factor(arrival_rate / phi))
+        table = batch_table(self.cost, [c.pp for c in reps], [c.tp for c in reps], [c.batch for c in reps],
+                            [c.micro_batches for c in reps])
+        caps = [float(group_capacity(table, r, c.batch, c.dp)) for r, c in enumerate(reps)]
+        phi = sum(caps)
+        share = arrival_rate * caps[0] / phi
+        lat_e, cap_e = (group_latency(table, 1, extra.batch, 1, arrival_rate - share), caps[1]) if extra else (0.0, 0.0)
+        lat = float(mixed_latency(group_latency(table, 0, config.batch, config.dp, share), caps[0], lat_e, cap_e))
+        mean_t = sum(c.dp * c.batch for c in reps) / phi
         return Choice(config, extra, lat, mean_t, phi, phi >= self.headroom * arrival_rate and math.isfinite(lat))
 
     def _keep_current(self, current, n_gpus, mem, rate, best: Choice, slo) -> Choice | None:
@@ -194,6 +236,10 @@ class ConfigOptimizer:
         world = config.world_size + (extra.world_size if extra else 0)
         fits = world <= n_gpus and all(bool(self.cost.feasible(c.pp, c.tp, c.batch, c.micro_batches, mem))
                                        for c in ([config] + ([extra] if extra else [])))
+        if self.fixed_shape is not None:
+            f = self.fixed_shape
+            fits = fits and extra is None and (config.pp, config.tp, config.batch, config.micro_batches) == \
+                (f.pp, f.tp, f.batch, f.micro_batches)
         if not fits:
             return None
         cur = self.evaluate(config, extra, rate)

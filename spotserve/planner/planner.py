@@ -1,22 +1,45 @@
-"""Planner: one call from the GPUs now available to a ReconfigurationPlan (optimizer -> mapper -> migration)."""
+"""Planner: one call from the GPUs now available to a ReconfigurationPlan (optimizer -> mapper -> migration).
+
+The ablations and baselines are switches of the planner itself (PlannerSwitches), so every approach
+runs the same components: a frozen replica shape (no optimizer), rank-order placement (no device
+mapper), no memory-aware migration order, and no KV-cache migration (requests in flight are not
+context: without the interruption arranger they restart).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from spotserve.planner.arranger import InterruptionArranger
 from spotserve.planner.cost import CostModel
 from spotserve.planner.mapper import DeviceMapper
 from spotserve.planner.migration import MigrationPlanner, estimate_seconds
 from spotserve.planner.optimizer import Choice, ConfigOptimizer
-from spotserve.planner.types import GPU, InterruptionDecision, ReconfigurationPlan, RunningRequest
+from spotserve.planner.types import GPU, InterruptionDecision, ParallelConfig, ReconfigurationPlan, RunningRequest
+
+
+@dataclass(frozen=True)
+class PlannerSwitches:
+    """Which planner mechanisms are on (all on = SpotServe)."""
+
+    fixed_shape: ParallelConfig | None = None  # replica shape frozen (dp follows the GPUs, no extra replica)
+    rank_mapper: bool = False  # positions take GPUs in rank order instead of the max-reuse matching
+    memory_aware: bool = True  # memory-aware migration order (else full GPUs free their old context first)
+    move_kv: bool = True  # KV caches of requests in flight are context to keep and move
+
+    def __post_init__(self):
+        if self.fixed_shape is not None and not isinstance(self.fixed_shape, ParallelConfig):
+            raise ValueError(f"PlannerSwitches: fixed_shape must be a ParallelConfig, got {self.fixed_shape!r}")
 
 
 class Planner:
     """Runs ConfigOptimizer, DeviceMapper and MigrationPlanner in turn; see types.py for the call sequence."""
 
-    def __init__(self, cost: CostModel, optimizer: ConfigOptimizer | None = None):
-        self.cost = cost
-        self.optimizer = optimizer or ConfigOptimizer(cost)
-        self.mapper = DeviceMapper(cost)
-        self.migration = MigrationPlanner(cost)
+    def __init__(self, cost: CostModel, switches: PlannerSwitches = PlannerSwitches(), **optimizer_options):
+        """``optimizer_options`` go to ConfigOptimizer (headroom, min_gain, horizon_s, allow_extra)."""
+        self.cost, self.switches = cost, switches
+        self.optimizer = ConfigOptimizer(cost, fixed_shape=switches.fixed_shape, **optimizer_options)
+        self.mapper = DeviceMapper(cost, by_rank=switches.rank_mapper)
+        self.migration = MigrationPlanner(cost, memory_aware=switches.memory_aware)
         self.arranger = InterruptionArranger(cost)
         self.instance_of: dict[str, str] = {}
         self.last_choice: Choice | None = None
@@ -30,6 +53,8 @@ class Planner:
         ``cannot_serve`` is set (and config None) when no config fits the GPUs.
         Raises ValueError on duplicate GPU ids or a GPU both usable and leaving.
         """
+        if not self.switches.move_kv:
+            requests = ()
         ids = [g.id for g in gpus]
         if len(set(ids)) != len(ids):
             raise ValueError("plan: duplicate GPU ids")

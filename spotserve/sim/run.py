@@ -20,17 +20,17 @@ from spotserve.sim.traces import Arrival
 
 @dataclass(frozen=True)
 class SimConfig:
-    """Knobs of a simulated run (paper defaults: 30 s grace, g4dn.12xlarge prices, batch up to 4)."""
+    """Knobs of a simulated run (paper defaults: 30 s grace, g4dn.12xlarge prices); the batch cap is the
+    cost model's (CostModel max_batch)."""
 
     instance: InstanceConfig = field(default_factory=InstanceConfig)
-    max_batch: int = 4
     drain_s: float = 600.0  # after the trace ends: no new arrivals, in-flight requests may finish
     engine_start_s: float = 0.0
     max_seq_len: int | None = 2048
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.drain_s < 0 or self.engine_start_s < 0:
-            raise ValueError("max_batch >= 1, drain_s >= 0 and engine_start_s >= 0 needed")
+        if self.drain_s < 0 or self.engine_start_s < 0:
+            raise ValueError("drain_s >= 0 and engine_start_s >= 0 needed")
 
 
 @dataclass

@@ -3,8 +3,9 @@ import pytest
 
 from spotserve.controller.approach import get_approach
 from spotserve.controller.policy import Policy
-from spotserve.controller.switches import FrozenOptimizer, RankMapper
 from spotserve.experiment.data import PACKAGE_DATA, load_cost
+from spotserve.planner.mapper import DeviceMapper
+from spotserve.planner.optimizer import ConfigOptimizer
 from spotserve.planner.types import GPU, ParallelConfig
 
 COST = load_cost("20B", PACKAGE_DATA)
@@ -32,13 +33,17 @@ def test_added_instance_only_delays_the_new_replica():
     assert set(pol.ready_offsets(second, get_approach("no-migration-planner")).values()) == {second.est_seconds}
 
 
-def test_frozen_optimizer_and_rank_mapper():
-    opt = FrozenOptimizer(COST, ParallelConfig(3, 2, 4, 2, 1))
+def test_frozen_shape_and_rank_mapper_switches():
+    opt = ConfigOptimizer(COST, fixed_shape=ParallelConfig(3, 2, 4, 2, 1))
     ch = opt.choose(20, 0.35)
     assert ch.config == ParallelConfig(2, 2, 4, 2, 1) and ch.extra is None
     assert opt.choose(7, 0.35).cannot_serve
-    m = RankMapper(COST).assign(ParallelConfig(1, 2, 4, 2, 1), None, gpus("b", "a"))
+    m = DeviceMapper(COST, by_rank=True).assign(ParallelConfig(1, 2, 4, 2, 1), None, gpus("b", "a"))
     assert [m.placement[p] for p in sorted(m.placement)] == [g.id for g in gpus("b", "a")]
+    sw = Policy.switches(get_approach("no-mapper"), None)
+    assert sw.rank_mapper and sw.memory_aware and sw.move_kv and sw.fixed_shape is None
+    sw = Policy.switches(get_approach("no-arranger"), None)
+    assert not sw.move_kv and not sw.rank_mapper
 
 
 def test_disk_load_scales_with_bytes_per_instance():

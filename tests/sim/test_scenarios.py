@@ -31,7 +31,8 @@ def fates_add_up(s):
 
 
 def test_one_preemption_migrates_before_the_deadline_without_recompute():
-    tr = trace((0, "add", ["a", "b", "c"]), (200, "remove", ["c"]), (400, "DONE", []))
+    # two tp-8 replicas (instances a+b, c+d); c is reclaimed, so one replica's context must move
+    tr = trace((0, "add", ["a", "b", "c", "d"]), (200, "remove", ["c"]), (400, "DONE", []))
     res = sim(tr, every(3.0, 400))
     s = res.summary
     assert fates_add_up(s) and s["completed"] == s["arrived"] == 133
@@ -49,15 +50,16 @@ def test_one_preemption_migrates_before_the_deadline_without_recompute():
 
 
 def test_one_acquisition_with_startup_delay_is_billed_from_acquisition():
-    tr = trace((0, "add", ["a", "b"]), (100, "add", ["c"]), (300, "DONE", []))
+    tr = trace((0, "add", ["a", "b"]), (100, "add", ["c", "d"]), (300, "DONE", []))
     res = sim(tr, every(4.0, 300), startup=20.0, price=3600.0)  # $1 per instance-second
     acq = res.log.of("acquire")[-1]
     ready = res.log.of("ready")[-1]
-    assert (acq["t"], acq["instance"], ready["t"]) == (100.0, "c", 120.0)
-    assert any(e["t"] == 120.0 and e["trigger"] == "ready" for e in res.log.of("plan"))
+    assert (acq["t"], acq["instance"], ready["t"]) == (100.0, "d", 120.0)
+    assert any(e["t"] == 120.0 and e["trigger"] == "ready" and e["config"].startswith("D2")
+               for e in res.log.of("plan"))  # a second tp-8 replica once c and d are up
     end = res.summary["end_s"]
-    # a and b from 0 (warm start: their start-up precedes the trace), c from its acquisition at 100
-    assert res.summary["cost_usd"] == pytest.approx(2 * end + (end - 100.0))
+    # a and b from 0 (warm start: their start-up precedes the trace), c and d from their acquisition at 100
+    assert res.summary["cost_usd"] == pytest.approx(2 * end + 2 * (end - 100.0))
     assert res.summary["completed"] == res.summary["arrived"]
 
 
