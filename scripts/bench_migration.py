@@ -10,8 +10,15 @@ cached in the interpreter:
   reload_cold   the same after evicting the file's pages with posix_fadvise(DONTNEED)
   from_pretrained  transformers AutoModelForCausalLM.from_pretrained, warm page cache
 Times exclude interpreter start and imports (printed by the child around the work itself).
+
+`--executor` (CPU, 2 gloo processes) also measures the migration executor against the raw
+point-to-point bandwidth of the same run: the same bytes per direction sent as one message.
+  weights-move     a whole replica moves to the other worker (contiguous slices, sent with no staging)
+  weights-reslice  (pp 2, tp 1) -> (pp 1, tp 2) on the same two workers (row-parallel slices are staged)
+  kv-blocks        the KV cache of --kv-requests requests of --kv-tokens tokens moves (weights stay)
 Prints a table; `--json PATH` writes the same figures.
-Usage: python scripts/bench_migration.py [--device cpu|cuda] [--spec NAME] [--repeat N] [--json PATH]
+Usage: python scripts/bench_migration.py [--device cpu|cuda] [--spec NAME] [--repeat N] [--executor]
+       [--skip-reattach] [--json PATH]
 """
 from __future__ import annotations
 
@@ -98,9 +105,13 @@ def child(kind: str, *args: str) -> tuple[float, int]:
     return float(seconds), int(nbytes)
 
 
-def drop_file_cache(path: Path) -> str:
-    """Evicts the checkpoint's pages from the page cache (this file only: the host is shared, so
-    no global drop_caches); returns the method used."""
+def drop_file_cache(path: Path, method: str = "fadvise") -> str:
+    """Evicts the checkpoint's pages from the page cache; returns the method used. "fadvise" touches
+    this checkpoint only (the CPU host is shared); "drop_caches" (root, device machine) drops all."""
+    if method == "drop_caches":
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches=3"
     for f in path.glob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
         try:
@@ -126,7 +137,64 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
     ap.add_argument("--skip-from-pretrained", action="store_true")
     ap.add_argument("--json", default=None, help="write the figures to this path")
+    ap.add_argument("--no-touch", action="store_true", help="skip the +touch rows (fewer runs)")
+    ap.add_argument("--skip-reattach", action="store_true", help="skip the re-attach vs reload part")
+    ap.add_argument("--executor", action="store_true", help="executor vs raw point-to-point (2 gloo processes)")
+    ap.add_argument("--exec-layers", type=int, default=4, help="decoder layers of the executor's model")
+    ap.add_argument("--staging-mb", type=int, default=256, help="executor staging budget per worker (MiB)")
+    ap.add_argument("--depth", type=int, default=4, help="executor rounds in flight")
+    ap.add_argument("--solo-kb", type=int, default=1024, help="moves this large travel alone (KiB)")
+    ap.add_argument("--kv-requests", type=int, default=64)
+    ap.add_argument("--kv-tokens", type=int, default=128)
+    ap.add_argument("--cold-method", choices=["fadvise", "drop_caches"], default="fadvise",
+                    help="drop_caches (root; the whole host's page cache) or fadvise (the checkpoint's pages)")
     args = ap.parse_args(argv)
+    result: dict = {}
+    if not args.skip_reattach:
+        result = bench_reattach(args)
+    if args.executor:
+        result["executor"] = bench_executor(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def bench_executor(args) -> dict:
+    """Runs scripts/bench_executor_worker.py on 2 gloo processes; prints and returns its figures."""
+    import socket
+
+    out = Path(tempfile.mkdtemp(prefix="bexec"))
+    cfg = {"spec": args.spec, "layers": args.exec_layers, "staging": args.staging_mb << 20,
+           "solo": args.solo_kb << 10, "depth": args.depth, "kv_requests": args.kv_requests, "kv_tokens": args.kv_tokens,
+           "repeat": args.repeat, "scenarios": ["weights-move", "weights-reslice", "kv-blocks"]}
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("bench_executor_worker.py")
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(out / "cfg.json"), str(out / "res.json")],
+                                      env=env, stderr=open(out / f"err.{rank}", "w")))
+    for p in procs:
+        p.wait()
+    if any(p.returncode for p in procs):
+        raise RuntimeError("executor workers failed:\n" + "\n".join((out / f"err.{r}").read_text()[-2000:]
+                                                                    for r in range(2)))
+    res = json.loads((out / "res.json").read_text())
+    print(f"\nexecutor vs raw point-to-point, {res['spec']} ({args.exec_layers} layers, fp16), 2 gloo processes, "
+          f"staging {args.staging_mb} MiB, depth {args.depth}")
+    print(f"{'scenario':<16} {'MB':>8} {'raw GB/s':>9} {'exec GB/s':>10} {'ratio':>6} {'msgs':>5} {'direct':>6} "
+          f"{'rounds':>6}")
+    for name, r in res["results"].items():
+        print(f"{name:<16} {r['bytes'] / 1e6:8.1f} {r['raw_GBps']:9.2f} {r['executor_GBps']:10.2f} {r['ratio']:6.2f} "
+              f"{r['messages_sent']:5d} {r['direct_messages']:6d} {r['rounds']:6d}")
+    return res
+
+
+def bench_reattach(args) -> dict:
 
     import torch
 
@@ -168,14 +236,15 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         sock, tok, dev = str(daemon.socket_path), daemon.token, args.device
         record("reattach", "reattach", sock, tok, dev, "0")
-        record("reattach+touch", "reattach", sock, tok, dev, "1")
+        if not args.no_touch:
+            record("reattach+touch", "reattach", sock, tok, dev, "1")
         warm(ckpt)
         methods = []
-        for touched in ("0", "1"):
+        for touched in ("0",) if args.no_touch else ("0", "1"):
             suffix = "+touch" if touched == "1" else ""
             record("reload_warm" + suffix, "reload", str(ckpt), dev, touched, before=lambda: warm(ckpt))
             record("reload_cold" + suffix, "reload", str(ckpt), dev, touched,
-                   before=lambda: methods.append(drop_file_cache(ckpt)))
+                   before=lambda: methods.append(drop_file_cache(ckpt, args.cold_method)))
         if not args.skip_from_pretrained:
             record("from_pretrained", "from_pretrained", str(ckpt), dev, before=lambda: warm(ckpt))
     finally:
@@ -192,9 +261,7 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         gbps = r["bytes"] / r["seconds"] / 1e9 if r["seconds"] > 0 else float("inf")
         print(f"{name:<18} {r['seconds']:9.3f} {gbps:7.2f} {r['seconds'] / base:11.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
