@@ -26,6 +26,12 @@ class Progress:
 class Backend(ABC):
     """Commands a backend accepts. Times are seconds on the backend's clock."""
 
+    #: Whether execute_plan honours `keep`: replicas a plan leaves unchanged (same shape, same GPU per
+    #: position, nothing received) go on running their batch through the reconfiguration. A backend
+    #: that rebuilds every replica at a plan leaves it False, and the controller then stops every
+    #: batch before migrating (the behaviour before this switch existed).
+    keeps_unchanged_replicas: bool = False
+
     @abstractmethod
     def now(self) -> float:
         """Current time."""
@@ -54,11 +60,16 @@ class Backend(ABC):
         """The replica lost a GPU: end the batch now, with no report; returns the tokens already streamed."""
 
     @abstractmethod
-    def execute_plan(self, plan: ReconfigurationPlan, plan_id: int, stall_s: float) -> None:
+    def execute_plan(self, plan: ReconfigurationPlan, plan_id: int, stall_s: float,
+                     keep: dict[int, int] | None = None) -> None:
         """Move context as `plan` says (weights and KV over the network, or from disk).
 
-        `stall_s` is the controller's estimate of how long serving pauses; the simulator takes
-        it as the duration, a live cluster as a timeout hint. Reports `on_plan_done(plan_id)`.
+        `stall_s` is the controller's estimate of how long the affected replicas pause; the
+        simulator takes it as the duration, a live cluster as a timeout hint. Reports
+        `on_plan_done(plan_id)`. `keep` (passed only when `keeps_unchanged_replicas`): new replica
+        index -> old index of the unchanged replicas; each keeps its engine and its running batch,
+        which from now on is addressed (stop, abort, on_batch_done) by the new index. Every other
+        replica has no batch running when the plan is executed.
         """
 
     @abstractmethod

@@ -3,8 +3,13 @@
 One controller serves every approach (approach.py); planner decisions come through a Policy.
 Phases: `serving` -> on a change, `draining` (running batches keep decoding until the arranger's
 migrate_at) -> `migrating` (context moves; each new replica serves as soon as its own context is
-in place) -> `serving`. Changes at the same instant are planned once; a change that arrives while
-migrating is planned right after. Rerouting's replica bookkeeping lives in rerouting.py.
+in place) -> `serving`. Only the replicas the plan changes (new GPUs or shape, or context to
+receive) drain and pause; an unchanged replica (replicas.unchanged_replicas) keeps serving
+throughout, when the backend supports it (Backend.keeps_unchanged_replicas) and for spotserve and
+its ablations (the reparallelization baseline restarts everything by definition). A resumable KV
+cache is resumed only on the replica that holds it. Changes at the same instant are planned once;
+a change that arrives while migrating is planned right after. Rerouting's replica bookkeeping
+lives in rerouting.py.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from spotserve.controller.approach import Approach
 from spotserve.controller.backend import Backend, BackendEvents, Progress
 from spotserve.controller.events import EventLog
 from spotserve.controller.instances import ONDEMAND, SPOT, InstanceManager
-from spotserve.controller.replicas import Replica
+from spotserve.controller.replicas import Replica, unchanged_replicas
 from spotserve.controller.requests import RUNNING, RequestManager
 from spotserve.controller.rerouting import ReroutingMixin
 from spotserve.planner.migration import estimate_seconds
@@ -42,7 +47,7 @@ class Controller(ReroutingMixin, BackendEvents):
         self.plan: ReconfigurationPlan | None = None  # the layout now served
         self.replicas: dict[int, Replica] = {}
         self.phase = SERVING
-        self.pending: tuple | None = None  # (seq, plan, decision, migrate_at, deadline)
+        self.pending: tuple | None = None  # (seq, plan, decision, migrate_at, deadline, kept: new -> old replica)
         self._seq = 0
         self._replan_after = False
         self._replan_due: tuple[list[str], bool] | None = None
@@ -51,6 +56,10 @@ class Controller(ReroutingMixin, BackendEvents):
         self._ever_served = False
         self.reconfigurations = 0
         self.stall_s = 0.0
+        # queued requests whose KV cache survives: the replica holding it (installed layout), and the
+        # new replica the pending plan moves it to (valid once that plan is installed)
+        self._kv_home: dict[int, int] = {}
+        self._kv_pending: dict[int, int] = {}
 
     def attach(self, backend: Backend) -> None:
         self.backend = backend
@@ -169,30 +178,42 @@ class Controller(ReroutingMixin, BackendEvents):
             if self.plan is None and not self.replicas:
                 return
         elif self.plan is not None and not force and (
-                self._same_layout(plan) or (fresh and plan.config == self.plan.config and plan.extra == self.plan.extra)):
+                self._same_layout(plan, running) or
+                (fresh and plan.config == self.plan.config and plan.extra == self.plan.extra)):
             return  # nothing changes (the reparallelization baseline restarts only for another config)
         self._seq += 1
+        kept = unchanged_replicas(self.plan, plan, running) if self._keeps_serving() else {}
+        kept_old = set(kept.values())
         deadline = self._earliest_deadline() if self.approach.mode == "spotserve" else None
         decision = None
         migrate_at = now
         if deadline is not None and self.approach.arranger and plan.serving and self.replicas:
-            decision = self.policy.arrange(now, deadline, running, plan, self.plan, self.approach, frozen)
+            moving = [q for q in running if q.replica not in kept_old]  # requests of unchanged replicas go on
+            decision = self.policy.arrange(now, deadline, moving, plan, self.plan, self.approach, frozen)
             migrate_at = min(max(now, decision.migrate_at), deadline)
         elif deadline is not None and not plan.serving:
             migrate_at = deadline  # nothing to move to: keep serving until the instances go
-        self.pending = (self._seq, plan, decision, migrate_at, deadline)
+        self.pending = (self._seq, plan, decision, migrate_at, deadline, kept)
         self.phase = DRAINING
         self.log.emit(now, "plan", trigger=reason, config=plan.config.short() if plan.config else None,
                       extra=plan.extra.short() if plan.extra else None, cannot_serve=plan.cannot_serve,
                       est_seconds=round(plan.est_seconds, 4), migrate_at=round(migrate_at, 4),
                       deadline=deadline, transfers=len(plan.transfers), disk_bytes=plan.disk_bytes,
-                      reused_bytes=plan.reused_bytes, gpus=len(gpus),
+                      reused_bytes=plan.reused_bytes, gpus=len(gpus), kept=sorted(kept_old),
                       est_latency=round(plan.est_latency, 4) if plan.est_latency not in (None, float("inf")) else None)
         for r in self.replicas.values():
-            if r.batch_id is not None:
+            if r.batch_id is not None and r.index not in kept_old:
                 self.backend.stop_batch(r.index, r.batch_id, migrate_at)
         seq = self._seq
         self.backend.call_at(migrate_at, lambda: self._maybe_migrate(seq))
+
+    def _keeps_serving(self) -> bool:
+        """Whether unchanged replicas serve through a reconfiguration (spotserve and its ablations)."""
+        return self.approach.mode == "spotserve" and getattr(self.backend, "keeps_unchanged_replicas", False)
+
+    def _kept_old(self) -> set[int]:
+        """Old indices of the replicas the pending plan leaves unchanged (they neither drain nor pause)."""
+        return set(self.pending[5].values()) if self.pending else set()
 
     def _frozen_shape(self, gpus: list[GPU]) -> ParallelConfig | None:
         if self.approach.optimizer:
@@ -201,9 +222,14 @@ class Controller(ReroutingMixin, BackendEvents):
             self._fixed_shape = self.policy.fixed_shape(gpus, self.rate)
         return self._fixed_shape
 
-    def _same_layout(self, plan: ReconfigurationPlan) -> bool:
-        return (plan.config == self.plan.config and plan.extra == self.plan.extra
-                and plan.placement == self.plan.placement)
+    def _same_layout(self, plan: ReconfigurationPlan, running: list[RunningRequest]) -> bool:
+        """Whether `plan` serves the same replicas on the same GPUs (possibly renumbered): nothing to do."""
+        if plan.config != self.plan.config or plan.extra != self.plan.extra:
+            return False
+        if plan.placement == self.plan.placement:
+            return True
+        n = len(plan.replica_configs())
+        return len(unchanged_replicas(self.plan, plan, running)) == n == len(self.plan.replica_configs())
 
     def _keep_for(self, req, decision) -> str:
         """How an interrupted request's context survives under this approach."""
@@ -224,7 +250,10 @@ class Controller(ReroutingMixin, BackendEvents):
     def _maybe_migrate(self, seq: int) -> None:
         if not self.pending or self.pending[0] != seq or self.phase != DRAINING:
             return
-        if self.backend.now() + 1e-9 < self.pending[3] or any(r.batch_id is not None for r in self.replicas.values()):
+        kept = self.pending[5]
+        kept_old = set(kept.values())
+        if self.backend.now() + 1e-9 < self.pending[3] or any(
+                r.batch_id is not None and r.index not in kept_old for r in self.replicas.values()):
             return
         plan = self._without_finished_kv(self.pending[1])
         now = self.backend.now()
@@ -238,15 +267,21 @@ class Controller(ReroutingMixin, BackendEvents):
             self.policy.ready_offsets(plan, self.approach, fresh=self.approach.mode == "reparallelization")
         if not warm:
             self.reconfigurations += 1
+        offsets.update({r: 0.0 for r in kept})  # unchanged replicas never stop serving
         stall = max(offsets.values(), default=0.0)
         self.stall_s += stall
         self.log.emit(now, "migrate", config=plan.config.short(), stall_s=round(stall, 4),
-                      first_ready_s=round(min(offsets.values(), default=0.0), 4), warm=warm)
-        self._install(plan, offsets)
+                      first_ready_s=round(min(offsets.values(), default=0.0), 4), warm=warm,
+                      ready_s={r: round(v, 4) for r, v in sorted(offsets.items())},
+                      kept={new: old for new, old in sorted(kept.items())})
+        self._install(plan, offsets, kept)
         for t in sorted(set(offsets.values())):
             if t > 0:
                 self.backend.call_at(now + t, self.dispatch)
-        self.backend.execute_plan(plan, self.pending[0], stall)
+        if kept:
+            self.backend.execute_plan(plan, self.pending[0], stall, keep=dict(kept))
+        else:
+            self.backend.execute_plan(plan, self.pending[0], stall)
         self.dispatch()
 
     def _without_finished_kv(self, plan: ReconfigurationPlan) -> ReconfigurationPlan:
@@ -270,14 +305,45 @@ class Controller(ReroutingMixin, BackendEvents):
         if self.pending and self.pending[0] == plan_id and self.phase == MIGRATING:
             self._finish_migration()
 
-    def _install(self, plan: ReconfigurationPlan, offsets: dict[int, float]) -> None:
+    def _install(self, plan: ReconfigurationPlan, offsets: dict[int, float], kept: dict[int, int] | None = None
+                 ) -> None:
+        """Make `plan` the served layout; `kept` (new -> old index) replicas carry on with their batch."""
         now = self.backend.now()
+        kept = kept or {}
         self.plan = plan if plan.serving else None
         self._ever_served = self._ever_served or plan.serving
-        self.replicas = {}
+        old, self.replicas = self.replicas, {}
         for idx, shape in plan.replica_configs():
+            r = old.get(kept[idx]) if idx in kept else None
+            if r is not None:  # same engine, same GPUs, same batch: only its index may change
+                r.index = idx
+                for req in r.requests:
+                    req.replica = idx
+                self.replicas[idx] = r
+                continue
             gpus = sorted(g for p, g in plan.placement.items() if p.replica == idx)
             self.replicas[idx] = Replica(idx, shape, gpus, now + offsets.get(idx, 0.0))
+        self._move_kv_homes(kept)
+
+    def _move_kv_homes(self, kept: dict[int, int]) -> None:
+        """After a layout change: queued caches the plan moved live on their new replica; caches left
+        on an unchanged replica follow its new index; any other cache is gone (re-prefill instead)."""
+        renamed = {o: n for n, o in kept.items()}
+        homes = {}
+        for rid, old in self._kv_home.items():
+            if old in renamed:
+                homes[rid] = renamed[old]
+        homes.update(self._kv_pending)
+        self._kv_pending = {}
+        self._kv_home = {}
+        for rid in self.requests.queue:
+            req = self.requests.requests[rid]
+            if not req.kv_ready:
+                continue
+            if rid in homes and homes[rid] in self.replicas:
+                self._kv_home[rid] = homes[rid]
+            else:
+                req.kv_ready = False
 
     def _finish_migration(self) -> None:
         self.pending = None
@@ -309,6 +375,15 @@ class Controller(ReroutingMixin, BackendEvents):
                 self.requests.complete(req, p.finish_t if p and p.finish_t is not None else now)
             else:
                 self.requests.interrupt(req, keep_of(req))
+                if req.kv_ready:  # its cache moves to the replica the pending plan continues it on
+                    plan = self.pending[1] if self.pending else None
+                    new = plan.continued.get(str(req.id)) if plan is not None else None
+                    if new is None:
+                        self._kv_home[req.id] = r.index
+                    elif new in self.pending[5]:  # continued on an unchanged replica: its cache stays
+                        self._kv_home[req.id] = self.pending[5][new]
+                    else:
+                        self._kv_pending[req.id] = new
         r.batch_id, r.requests = None, []
 
     def dispatch(self) -> None:
@@ -316,19 +391,28 @@ class Controller(ReroutingMixin, BackendEvents):
         if not self.requests.queue:
             return
         now = self.backend.now()
+        kept_old = self._kept_old() if self.phase == DRAINING else set()
+        homes = self._kv_home
         for r in self.replicas.values():
             if not self.requests.queue:
                 return
             if r.batch_id is not None or r.ready_t > now:
                 continue
-            if self.phase == DRAINING and self.pending[3] - now < self.policy.prefill_s(
+            draining = self.phase == DRAINING and r.index not in kept_old
+            if draining and self.pending[3] - now < self.policy.prefill_s(
                     r.shape, r.shape.batch, self.policy.cost.workload.prompt_len):
                 continue  # a new batch would not get past its prefill before migration starts
-            reqs = self.requests.take_batch(r.shape.batch, r.index, now)
+            idx = r.index
+            reqs = self.requests.take_batch(r.shape.batch, idx, now,
+                                            lambda q: not q.kv_ready or homes.get(q.id) == idx)
+            if not reqs:
+                continue  # only caches that live elsewhere are waiting
+            for q in reqs:
+                homes.pop(q.id, None)
             self._batch_seq += 1
             r.batch_id, r.requests = self._batch_seq, reqs
             self.backend.start_batch(r.index, r.shape, self._batch_seq, reqs)
-            if self.phase == DRAINING:  # decode until migration starts; the KV cache then moves
+            if draining:  # decode until migration starts; the KV cache then moves
                 self.backend.stop_batch(r.index, self._batch_seq, self.pending[3])
 
     def on_batch_done(self, replica: int, batch_id: int, progress: list[Progress], stopped: bool = False) -> None:

@@ -1,7 +1,7 @@
 """Replica bookkeeping for the controller, and the rank-order grouping the rerouting baseline uses."""
 from __future__ import annotations
 
-from spotserve.planner.types import GPU, ParallelConfig
+from spotserve.planner.types import GPU, ParallelConfig, ReconfigurationPlan, RunningRequest
 
 
 class Replica:
@@ -37,3 +37,41 @@ def group_by_instance(free: list[GPU], size: int) -> list[list[str]]:
     flat = [gid for ids in order for gid in ids]
     n = len(flat) // size
     return [flat[i * size:(i + 1) * size] for i in range(n)]
+
+
+def unchanged_replicas(current: ReconfigurationPlan | None, plan: ReconfigurationPlan,
+                       running: list[RunningRequest] = ()) -> dict[int, int]:
+    """new replica index -> old replica index, for the replicas `plan` leaves as they are.
+
+    A replica is unchanged when it keeps its shape and every position (stage, shard) on the same GPU,
+    no transfer of the plan lands on any of its GPUs, and no request it runs is continued by another
+    new replica (its requests' KV does not move). It may still be a migration source: the migration
+    planner never frees the context of a GPU whose position keeps it (a source only spends
+    bandwidth). Such a replica can serve through the reconfiguration. Empty when either plan serves
+    nothing.
+    """
+    if current is None or not current.serving or not plan.serving:
+        return {}
+
+    def layouts(p: ReconfigurationPlan) -> dict[int, frozenset]:
+        out: dict[int, set] = {}
+        for pos, g in p.placement.items():
+            out.setdefault(pos.replica, set()).add((pos.stage, pos.shard, g))
+        return {r: frozenset(v) for r, v in out.items()}
+
+    old_shapes, new_shapes = dict(current.replica_configs()), dict(plan.replica_configs())
+    old_of_layout = {lay: r for r, lay in layouts(current).items()}
+    receivers = {t.dst for t in plan.transfers}
+    continued_on: dict[int, set[int]] = {}  # old replica -> new replicas continuing its requests
+    for q in running:
+        if q.request_id in plan.continued:
+            continued_on.setdefault(q.replica, set()).add(plan.continued[q.request_id])
+    out = {}
+    for new, lay in layouts(plan).items():
+        old = old_of_layout.get(lay)
+        if old is None or old_shapes[old] != new_shapes[new] or any(g in receivers for _, _, g in lay):
+            continue
+        if continued_on.get(old, {new}) - {new}:
+            continue  # the plan moves some of its requests to another replica: they must stop
+        out[new] = old
+    return out

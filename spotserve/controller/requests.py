@@ -97,18 +97,26 @@ class RequestManager:
     def queued(self) -> int:
         return len(self.queue)
 
-    def take_batch(self, max_batch: int, replica: int, now: float) -> list[Request]:
-        """Pop up to `max_batch` requests in FIFO order (interrupted ones first) and mark them running."""
+    def take_batch(self, max_batch: int, replica: int, now: float, accept=None) -> list[Request]:
+        """Pop up to `max_batch` requests in FIFO order (interrupted ones first) and mark them running.
+
+        `accept(req) -> bool`, if given, skips the requests this replica must not take (a resumable
+        KV cache that lives on another replica); they keep their place in the queue.
+        """
         if max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
-        out = []
+        out, skipped = [], []
         q = self.queue
         while q and len(out) < max_batch:
             req = self.requests[q.popleft()]
+            if accept is not None and not accept(req):
+                skipped.append(req.id)
+                continue
             req.state, req.replica = RUNNING, replica
             if req.start_t is None:
                 req.start_t = now
             out.append(req)
+        q.extendleft(reversed(skipped))
         self.n_running += len(out)
         return out
 

@@ -24,18 +24,26 @@ _MAC_LEN = 32
 
 # type -> {field: allowed python types}; extra fields are allowed (forward compatibility).
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    # worker -> controller
     "hello": {"worker": (str,), "pid": (int,)},
     "ping": {},
     "pong": {},
     "ok": {},
     "error": {"message": (str,)},
+    "tokens": {"config_id": (int,), "step": (int,), "tokens": (dict,)},
+    "kv": {"pieces": (dict,)},  # request id -> safetensors bytes of this worker's KV piece (or nil)
+    "progress": {"config_id": (int,), "layer": (int,), "done": (bool,)},
+    # controller -> worker
     "configure": {"config_id": (int,), "config": (dict,), "position": (dict, type(None))},
     "add_requests": {"requests": (list,)},
     "step": {"config_id": (int,), "step": (int,)},
-    "tokens": {"config_id": (int,), "step": (int,), "tokens": (dict,)},
+    "export": {"ids": (list,), "release": (bool,)},
+    "release": {"ids": (list,)},
     "migrate": {"config_id": (int,), "transfers": (list,)},
-    "progress": {"config_id": (int,), "layer": (int,), "done": (bool,)},
     "shutdown": {},
+    # agent (per-host launcher, see live/agent.py) <-> controller
+    "spawn": {"instance": (str,), "slots": (int,)},
+    "kill": {"instance": (str,)},
 }
 
 

@@ -3,6 +3,9 @@
 One event per batch (not per decode step): a batch's token times are known in closed form from
 the cost model (prefill, then one token per decode step), so a stop at any time is answered
 exactly at the last step boundary before it. The controller and planner above it are the real ones.
+Replicas a plan leaves unchanged keep their batch through a reconfiguration (keeps_unchanged_replicas);
+sending context to other replicas costs them nothing here: the copies run on the GPUs' copy engines
+and NICs while decoding is compute-bound (the model ignores that contention).
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ from spotserve.planner.types import ParallelConfig, ReconfigurationPlan
 class SimBatch:
     """Timing of one batch: starts at t0, prefill P (0 if every request kept its KV), then steps of S."""
 
-    __slots__ = ("batch_id", "reqs", "t0", "P", "S", "steps", "prefilled", "end_t", "stop_seq")
+    __slots__ = ("replica", "batch_id", "reqs", "t0", "P", "S", "steps", "prefilled", "end_t", "stop_seq")
 
-    def __init__(self, batch_id, reqs, t0, P, S, prefilled):
+    def __init__(self, replica, batch_id, reqs, t0, P, S, prefilled):
+        self.replica = replica  # changes when a plan renumbers the (unchanged) replica running it
         self.batch_id = batch_id
         self.reqs = reqs
         self.t0, self.P, self.S = t0, P, S
@@ -54,6 +58,8 @@ class SimBatch:
 
 class SimBackend(Backend):
     """Event queue + modelled cluster. `policy` supplies prefill/step latencies; `controller` the policy."""
+
+    keeps_unchanged_replicas = True
 
     def __init__(self, policy):
         self.policy = policy
@@ -100,23 +106,25 @@ class SimBackend(Backend):
             prompt = sum(r.input_len + r.committed for r, pf in zip(requests, prefilled) if pf) / n_pf
             P = self.policy.prefill_s(shape, n_pf, prompt)
         S = self.policy.step_s(shape, len(requests))
-        b = SimBatch(batch_id, requests, self.t, P, S, prefilled)
+        b = SimBatch(replica, batch_id, requests, self.t, P, S, prefilled)
         self.batches[replica] = b
-        self._push(b.end_t, self._finish, replica, batch_id, 0)
+        self._push(b.end_t, self._finish, b, 0)
 
-    def _finish(self, replica: int, batch_id: int, stop_seq: int) -> None:
-        b = self.batches.get(replica)
-        if b is None or b.batch_id != batch_id or b.stop_seq != stop_seq:
-            return  # superseded by a stop or an abort
-        del self.batches[replica]
-        self.controller.on_batch_done(replica, batch_id, b.progress(b.end_t), False)
+    def _current(self, b: SimBatch, stop_seq: int) -> bool:
+        """Whether an event of batch `b` still counts (not superseded by a stop or an abort)."""
+        return self.batches.get(b.replica) is b and b.stop_seq == stop_seq
 
-    def _stopped(self, replica: int, batch_id: int, stop_seq: int, cut: float) -> None:
-        b = self.batches.get(replica)
-        if b is None or b.batch_id != batch_id or b.stop_seq != stop_seq:
+    def _finish(self, b: SimBatch, stop_seq: int) -> None:
+        if not self._current(b, stop_seq):
             return
-        del self.batches[replica]
-        self.controller.on_batch_done(replica, batch_id, b.progress(cut), True)
+        del self.batches[b.replica]
+        self.controller.on_batch_done(b.replica, b.batch_id, b.progress(b.end_t), False)
+
+    def _stopped(self, b: SimBatch, stop_seq: int, cut: float) -> None:
+        if not self._current(b, stop_seq):
+            return
+        del self.batches[b.replica]
+        self.controller.on_batch_done(b.replica, b.batch_id, b.progress(cut), True)
 
     def stop_batch(self, replica: int, batch_id: int, at: float) -> None:
         b = self.batches.get(replica)
@@ -131,7 +139,7 @@ class SimBackend(Backend):
         else:
             cut = dec0 + math.floor((at - dec0) / b.S + 1e-9) * b.S
         b.stop_seq += 1
-        self._push(max(cut, self.t), self._stopped, replica, batch_id, b.stop_seq, cut)
+        self._push(max(cut, self.t), self._stopped, b, b.stop_seq, cut)
 
     def abort_batch(self, replica: int, batch_id: int) -> list[Progress]:
         b = self.batches.get(replica)
@@ -140,7 +148,18 @@ class SimBackend(Backend):
         del self.batches[replica]
         return b.progress(self.t)
 
-    def execute_plan(self, plan: ReconfigurationPlan, plan_id: int, stall_s: float) -> None:
+    def execute_plan(self, plan: ReconfigurationPlan, plan_id: int, stall_s: float,
+                     keep: dict[int, int] | None = None) -> None:
+        """The plan takes `stall_s`; batches of the `keep` replicas (new -> old index) run on, renumbered."""
+        keep = keep or {}
+        carried = {old for old in keep.values()}
+        stray = sorted(set(self.batches) - carried)
+        if stray:
+            raise RuntimeError(f"execute_plan: replicas {stray} still run a batch but the plan changes them")
+        moved = {new: self.batches[old] for new, old in keep.items() if old in self.batches}
+        for new, b in moved.items():
+            b.replica = new
+        self.batches = moved
         self._push(self.t + stall_s, self.controller.on_plan_done, plan_id)
 
     def load_replica(self, replica: int, shape: ParallelConfig, gpus: list[str], load_id: int,

@@ -59,3 +59,13 @@ def test_duplicate_and_bad_commit():
     (r,) = rm.take_batch(4, 0, 0.0)
     with pytest.raises(ValueError):
         rm.commit(r, 3, 0.0)
+
+
+def test_take_batch_skips_requests_the_replica_must_not_take_and_keeps_their_place():
+    rm = RequestManager()
+    for i in range(5):
+        rm.arrive(i, float(i), 8, 3)
+    b = rm.take_batch(2, replica=1, now=5.0, accept=lambda q: q.id % 2 == 1)
+    assert [r.id for r in b] == [1, 3] and all(r.replica == 1 for r in b)
+    assert list(rm.queue) == [0, 2, 4] and rm.n_running == 2
+    assert rm.take_batch(4, replica=0, now=6.0, accept=lambda q: False) == [] and list(rm.queue) == [0, 2, 4]

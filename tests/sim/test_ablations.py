@@ -37,33 +37,55 @@ def test_hand_checked_batch_times():
     assert T1 == pytest.approx(P + 127 * S)
 
 
-def test_no_migration_planner_pauses_every_replica_for_the_whole_migration():
-    # 16 GPUs serve D2; two instances arrive at 100 -> D3. A request arrives just after.
+def test_no_migration_planner_restarts_changed_replicas_only_after_the_whole_migration():
+    # 30B at 0.35 req/s: 28 GPUs serve P2M8 + an extra P3M4; two instances arrive at 100 -> D3P3M4.
+    # Every replica changes. With the migration planner a replica serves once its first stages have
+    # landed (progressive restart); without it every replica waits for the whole plan.
+    cost = load_cost("30B", PACKAGE_DATA)
+    names = [f"n{i}" for i in range(9)]
+    tr = trace((0, "add", names[:7]), (100, "add", names[7:]), (300, "DONE", []), rate=0.35)
+    arrivals = [Arrival(0, 100.5, 512, 128)]
+    on, off = run(tr, arrivals, "spotserve", cost), run(tr, arrivals, "no-migration-planner", cost)
+    mig_on, mig_off = on.log.of("migrate")[-1], off.log.of("migrate")[-1]
+    assert mig_on["config"] == mig_off["config"] == "D3P3M4B4m2" and mig_on["kept"] == mig_off["kept"] == {}
+    stall = mig_off["stall_s"]
+    assert stall > 1.0 and all(v == pytest.approx(stall) for v in mig_off["ready_s"].values())
+    assert mig_on["first_ready_s"] < stall  # replica 0 starts before the plan is done
+    t1 = float(cost.batch_seconds(3, 4, 1, 1))
+    assert latency(on) < latency(off) == pytest.approx(100 + stall - 100.5 + t1, abs=1e-3)
+
+
+def test_unchanged_replicas_serve_through_a_migration_with_or_without_the_migration_planner():
+    # 16 GPUs serve D2; two instances arrive at 100 -> D3. The old replicas are unchanged and serve
+    # the request that arrives just after at once; only the new replica waits for its weights.
     tr = trace((0, "add", ["a", "b", "c", "d"]), (100, "add", ["e", "f"]), (300, "DONE", []), rate=0.35)
     arrivals = [Arrival(0, 100.5, 512, 128)]
-    on, off = run(tr, arrivals, "spotserve"), run(tr, arrivals, "no-migration-planner")
-    mig_on, mig_off = on.log.of("migrate")[-1], off.log.of("migrate")[-1]
-    stall = mig_off["stall_s"]
-    assert stall == pytest.approx(mig_on["stall_s"]) and stall > 1.0  # same weights move
-    assert mig_on["first_ready_s"] == 0.0 and mig_off["first_ready_s"] == pytest.approx(stall)
-    assert latency(on) == pytest.approx(T1)  # an old replica serves it at once
-    assert latency(off) == pytest.approx(100 + stall - 100.5 + T1, abs=1e-3)  # it waits for the whole plan
+    for approach in ("spotserve", "no-migration-planner"):
+        res = run(tr, arrivals, approach)
+        mig = res.log.of("migrate")[-1]
+        assert mig["config"].startswith("D3P1M8") and sorted(mig["kept"].values()) == [0, 1]
+        new = (set(mig["ready_s"]) - set(mig["kept"])).pop()
+        assert mig["ready_s"][new] == pytest.approx(mig["stall_s"]) and mig["stall_s"] > 1.0
+        assert latency(res) == pytest.approx(T1)
 
 
 def test_no_arranger_restarts_the_interrupted_request_from_scratch():
-    # D2 on a..d; d is reclaimed at 200 (notice at 170). The request started at 160 is mid-decode.
+    # D2 on a..d; d is reclaimed at 200 (notice at 170). Request 0 (replica a+b, unchanged) and
+    # request 1 (replica c+d, dropped) start at 160 and are mid-decode at the notice.
     tr = trace((0, "add", ["a", "b", "c", "d"]), (200, "remove", ["d"]), (400, "DONE", []))
-    arrivals = [Arrival(0, 160.0, 512, 128)]
+    arrivals = [Arrival(0, 160.0, 512, 128), Arrival(1, 160.0, 512, 128)]
     on, off = run(tr, arrivals, "spotserve"), run(tr, arrivals, "no-arranger")
-    rec_on = next(r for r in on.records if r["id"] == 0)
-    rec_off = next(r for r in off.records if r["id"] == 0)
+    rec_on = next(r for r in on.records if r["id"] == 1)
+    rec_off = next(r for r in off.records if r["id"] == 1)
     # spotserve: the arranger lets it decode on (it finishes within the grace period): no recompute
-    assert rec_on["recomputed_tokens"] == 0 and latency(on) == pytest.approx(T1)
+    assert rec_on["recomputed_tokens"] == 0 and latency(on, 1) == pytest.approx(T1)
     # no arranger: migration starts at the notice; its tokens so far are lost and generated again
+    # once the surviving replica is free (request 0 there is never interrupted)
     done = 1 + int((170.0 - 160.0 - P) / S)
-    assert off.log.of("migrate")[-1]["t"] == 170.0
+    assert off.log.of("migrate")[-1]["t"] == 170.0 and off.log.of("migrate")[-1]["kept"] == {0: 0}
     assert rec_off["recomputed_tokens"] == done and rec_off["interruptions"] == 1
-    assert latency(off) == pytest.approx(10.0 + off.log.of("migrate")[-1]["stall_s"] + T1)
+    assert latency(on, 0) == latency(off, 0) == pytest.approx(T1)
+    assert latency(off, 1) == pytest.approx(2 * T1)
 
 
 def test_no_mapper_moves_weights_the_matching_keeps_in_place():

@@ -1,0 +1,1 @@
+"""HTTP API of the live service (FastAPI app factory and tokenizer loading)."""

@@ -1,0 +1,305 @@
+"""LiveBackend: the controller's Backend interface carried out by real worker processes.
+
+Replicas are groups of connected workers (slot names = the controller's GPU ids). A batch is
+driven step by step from here (every worker of the replica gets the same `step`, the sampler's
+tokens come back and are committed at once), so a stop lands exactly on a step boundary and every
+token is durable before anyone sees it. At a stop the unfinished requests' KV pieces are
+exported from the workers and parked here; a resume with `kv_ready` sends each new position the
+pieces it needs and the worker re-slices them (engine kv_reshard), so a request continues with
+no recomputation across any change of (pp, tp). Weights: a worker keeps its slices when its
+(pp, tp, stage, shard) is unchanged and otherwise re-reads its slices from the checkpoint (the
+daemon-based migration executor is not wired in yet; see the report).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from spotserve.controller.backend import Backend, Progress
+from spotserve.live.pool import CommandError, WorkerConn, WorkerLost, WorkerPool
+from spotserve.live.requests import LiveRequest
+from spotserve.planner.types import ParallelConfig, ReconfigurationPlan
+
+log = logging.getLogger("spotserve.live")
+
+
+@dataclass
+class BatchRun:
+    batch_id: int
+    reqs: list  # controller Request objects
+    base: dict[int, int]  # request id -> committed count at batch start
+    stop_at: float | None = None
+    first_t: dict[int, float] = field(default_factory=dict)
+    finish_t: dict[int, float] = field(default_factory=dict)
+    task: asyncio.Task | None = None
+    step_s: float = 0.0  # latest step duration (to stop before `stop_at`, not after)
+
+
+@dataclass
+class ReplicaRun:
+    index: int
+    shape: ParallelConfig
+    slots: list[str]  # rank order: stage * tp + shard
+    config_id: int
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    batch: BatchRun | None = None
+    failed: str | None = None
+
+
+class LiveBackend(Backend):
+    """Backend over a WorkerPool. `engine` holds per-worker engine settings (block size, blocks...)."""
+
+    def __init__(self, pool: WorkerPool, requests: dict[int, LiveRequest], engine: dict, store=None,
+                 metrics=None, command_timeout_s: float = 60.0):
+        self.pool, self.requests, self.engine, self.store = pool, requests, engine, store
+        self.metrics = metrics
+        self.command_timeout_s = command_timeout_s
+        self.controller = None
+        self.loop = asyncio.get_running_loop()
+        self.t0 = time.monotonic()
+        self.replicas: dict[int, ReplicaRun] = {}
+        self.config_id = 0
+        self.store_host = engine.get("store_host", "127.0.0.1")
+        self.store_port = engine["store_port"]
+        self.events: list[dict] = []  # structured log (JSON lines on request)
+        self.on_token: Callable[[LiveRequest, int], None] | None = None
+        self.on_configured: Callable[[int, float], None] | None = None
+        self.plans_done = 0
+        self.step_pause_s = 0.0  # pacing between steps (demos and tests that must watch a request run)
+
+    def attach(self, controller) -> None:
+        self.controller = controller
+        controller.attach(self)
+
+    def emit(self, event: str, **fields) -> None:
+        row = {"t": round(self.now(), 4), "wall": time.time(), "event": event, **fields}
+        self.events.append(row)
+        log.info("%s", row)
+
+    # --- clock --------------------------------------------------------------------------------
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def call_at(self, t: float, fn: Callable[[], None]) -> None:
+        def run():
+            try:
+                fn()
+            except Exception:
+                log.exception("controller callback failed")
+        self.loop.call_at(self.loop.time() + max(0.0, t - self.now()), run)
+
+    # --- batches ------------------------------------------------------------------------------
+    def start_batch(self, replica: int, shape: ParallelConfig, batch_id: int, requests: list) -> None:
+        rt = self.replicas[replica]
+        if rt.batch is not None:
+            raise RuntimeError(f"replica {replica} already runs batch {rt.batch.batch_id}")
+        b = BatchRun(batch_id, list(requests), {q.id: q.committed for q in requests})
+        rt.batch = b
+        b.task = asyncio.ensure_future(self._run_batch(rt, b))
+
+    def stop_batch(self, replica: int, batch_id: int, at: float) -> None:
+        rt = self.replicas.get(replica)
+        if rt is None or rt.batch is None or rt.batch.batch_id != batch_id:
+            return
+        b = rt.batch
+        b.stop_at = at if b.stop_at is None else min(b.stop_at, at)
+
+    def abort_batch(self, replica: int, batch_id: int) -> list[Progress]:
+        rt = self.replicas.get(replica)
+        if rt is None or rt.batch is None or rt.batch.batch_id != batch_id:
+            return []
+        b = rt.batch
+        rt.batch = None
+        if b.task is not None:
+            b.task.cancel()
+        self.emit("batch_abort", replica=replica, batch=batch_id)
+        return self._progress(b)
+
+    def _progress(self, b: BatchRun) -> list[Progress]:
+        out = []
+        for q in b.reqs:
+            lr = self.requests[q.id]
+            new = max(0, min(len(lr.tokens), q.output_len) - b.base[q.id])
+            out.append(Progress(q.id, new, b.first_t.get(q.id), b.finish_t.get(q.id)))
+        return out
+
+    def _payload(self, q) -> dict:
+        lr = self.requests[q.id]
+        body = {"id": lr.sid, "prompt": lr.prompt, "output": lr.tokens[:q.committed], "params": lr.params}
+        if q.kv_ready and lr.kv and lr.kv_tokens == q.committed:
+            body["kv"] = lr.kv
+            lr.kv_moved_bytes += sum(len(p) for p in lr.kv)
+            lr.resumes.append({"how": "kv", "at": q.committed})
+            if self.metrics:
+                self.metrics.migration_bytes.inc(sum(len(p) for p in lr.kv))
+        elif q.committed or lr.kv is not None:
+            lr.reprefilled += len(lr.prompt) + q.committed
+            lr.resumes.append({"how": "prefill", "at": q.committed})
+        lr.kv = None
+        return body
+
+    async def _run_batch(self, rt: ReplicaRun, b: BatchRun) -> None:
+        stopped = False
+        try:
+            await rt.ready.wait()
+            if rt.failed:
+                raise CommandError(f"replica {rt.index} failed to configure: {rt.failed}")
+            workers = self._workers(rt)
+            await self._all(workers, "add_requests", {"requests": [self._payload(q) for q in b.reqs]})
+            sampler = (rt.shape.pp - 1) * rt.shape.tp
+            index = {q.id: b.base[q.id] for q in b.reqs}
+            by_sid = {str(q.id): q for q in b.reqs}
+            step = 0
+            while any(index[q.id] < q.output_len for q in b.reqs):
+                if b.stop_at is not None and self.now() + b.step_s > b.stop_at:
+                    stopped = True
+                    break
+                t0 = time.monotonic()
+                if self.step_pause_s:
+                    await asyncio.sleep(self.step_pause_s)
+                replies = await self._all(workers, "step", {"config_id": rt.config_id, "step": step})
+                b.step_s = time.monotonic() - t0
+                step += 1
+                now = self.now()
+                for sid, tok in replies[sampler].body["tokens"].items():
+                    q = by_sid[sid]
+                    self._commit(q, index[q.id], tok)
+                    index[q.id] += 1
+                    b.first_t.setdefault(q.id, now)
+                    if index[q.id] >= q.output_len:
+                        b.finish_t[q.id] = now
+            live = [str(q.id) for q in b.reqs if index[q.id] < q.output_len]
+            if stopped and live:
+                await self._park(rt, workers, live, index)
+        except asyncio.CancelledError:
+            return  # aborted: the controller already took the progress
+        except (WorkerLost, CommandError, asyncio.TimeoutError) as exc:
+            # a peer died mid-step: the loss handler aborts this batch; wait for it, else give up the batch
+            self.emit("batch_error", replica=rt.index, batch=b.batch_id, error=str(exc)[:300])
+            try:
+                await asyncio.sleep(self.pool.heartbeat_timeout_s * 2 + 1)
+            except asyncio.CancelledError:
+                return
+            stopped = True
+        if rt.batch is not b:
+            return
+        rt.batch = None
+        self.controller.on_batch_done(rt.index, b.batch_id, self._progress(b), stopped)
+
+    async def _park(self, rt: ReplicaRun, workers: list[WorkerConn], live: list[str], index: dict) -> None:
+        """Export the KV pieces of unfinished requests from every worker and keep them here."""
+        replies = await self._all(workers, "export", {"ids": live, "release": True})
+        for sid in live:
+            pieces = [r.body["pieces"].get(sid) for r in replies]
+            lr = self.requests[int(sid)]
+            if all(p is not None for p in pieces):
+                lr.kv, lr.kv_tokens = [bytes(p) for p in pieces], index[int(sid)]
+            else:
+                lr.kv = None
+
+    def _commit(self, q, index: int, tok: int) -> None:
+        lr = self.requests[q.id]
+        if lr.accept(index, tok):
+            if self.store is not None:
+                self.store.commit(lr.sid, index, [int(tok)])
+                if lr.done:
+                    self.store.finish(lr.sid, "completed", "length")
+            if self.on_token is not None:
+                self.on_token(lr, index)
+
+    def _workers(self, rt: ReplicaRun) -> list[WorkerConn]:
+        out = []
+        for s in rt.slots:
+            c = self.pool.alive(s)
+            if c is None:
+                raise WorkerLost(f"{s} is not connected")
+            out.append(c)
+        return out
+
+    async def _all(self, workers: list[WorkerConn], mtype: str, body: dict):
+        return await asyncio.gather(*(w.call(mtype, body, self.command_timeout_s) for w in workers))
+
+    # --- reconfiguration ----------------------------------------------------------------------
+    def execute_plan(self, plan: ReconfigurationPlan, plan_id: int, stall_s: float,
+                     keep: dict[int, int] | None = None) -> None:
+        # keeps_unchanged_replicas stays False: every replica is re-formed under a new config id, so the
+        # controller stops every batch before calling this and `keep` is always None here
+        self.config_id += 1
+        cid = self.config_id
+        layout = {}
+        for idx, shape in plan.replica_configs():
+            pos = sorted((p for p in plan.placement if p.replica == idx), key=lambda p: (p.stage, p.shard))
+            layout[idx] = (shape, [plan.placement[p] for p in pos])
+        self._install(cid, layout)
+        self.emit("configure", config_id=cid, config=plan.config.short() if plan.config else None,
+                  replicas={i: s for i, (_, s) in layout.items()})
+        asyncio.ensure_future(self._configure(cid, plan_id, idle_others=True))
+
+    def load_replica(self, replica: int, shape: ParallelConfig, gpus: list[str], load_id: int,
+                     seconds: float) -> None:
+        self.config_id += 1
+        cid = self.config_id
+        self.replicas[replica] = ReplicaRun(replica, shape, list(gpus), cid)
+        asyncio.ensure_future(self._configure(cid, load_id, idle_others=False, only=[replica]))
+
+    def _install(self, cid: int, layout: dict) -> None:
+        for rt in self.replicas.values():
+            if rt.batch is not None and rt.batch.task is not None:
+                rt.batch.task.cancel()  # the controller migrates only between batches; defensive
+        self.replicas = {i: ReplicaRun(i, shape, slots, cid) for i, (shape, slots) in layout.items()}
+
+    def _position_msgs(self, cid: int, only: list[int] | None) -> dict[str, tuple[dict, dict]]:
+        msgs = {}
+        for rt in self.replicas.values():
+            if only is not None and rt.index not in only:
+                continue
+            s = rt.shape
+            cfg = {"pp": s.pp, "tp": s.tp, "micro_batches": s.micro_batches, "store_host": self.store_host,
+                   "store_port": self.store_port, **{k: v for k, v in self.engine.items() if k not in
+                                                      ("store_host", "store_port")}}
+            cfg["max_batch"] = max(cfg.get("max_batch", 1), s.batch)
+            for rank, slot in enumerate(rt.slots):
+                msgs[slot] = (cfg, {"replica": rt.index, "stage": rank // s.tp, "shard": rank % s.tp})
+        return msgs
+
+    async def _configure(self, cid: int, plan_id: int, idle_others: bool, only: list[int] | None = None) -> None:
+        t0 = time.monotonic()
+        msgs = self._position_msgs(cid, only)
+        targets = {name: msgs.get(name) for name, c in self.pool.conns.items()
+                   if c.alive and not c.is_agent and (name in msgs or idle_others)}
+        results: dict[str, object] = {}
+
+        async def one(name, m):
+            c = self.pool.alive(name)
+            try:
+                if c is None:
+                    raise WorkerLost(f"{name} is not connected")
+                body = {"config_id": cid, "config": m[0] if m else {}, "position": m[1] if m else None}
+                results[name] = (await c.call("configure", body, self.command_timeout_s)).body
+            except (WorkerLost, CommandError, asyncio.TimeoutError) as exc:
+                results[name] = exc
+
+        missing = [n for n in msgs if n not in targets]
+        for n in missing:
+            results[n] = WorkerLost(f"{n} is not connected")
+        await asyncio.gather(*(one(n, m) for n, m in targets.items()))
+        loaded = sum(r.get("loaded_bytes", 0) for r in results.values() if isinstance(r, dict))
+        for rt in self.replicas.values():
+            if rt.config_id != cid:
+                continue
+            errs = [f"{s}: {results.get(s)}" for s in rt.slots if not isinstance(results.get(s), dict)]
+            rt.failed = "; ".join(errs)[:500] or None
+            rt.ready.set()
+        secs = time.monotonic() - t0
+        self.emit("configured", config_id=cid, seconds=round(secs, 4), loaded_bytes=loaded,
+                  failed=[n for n, r in results.items() if not isinstance(r, dict)])
+        if self.metrics:
+            self.metrics.migration_seconds.inc(secs)
+            self.metrics.disk_bytes.inc(loaded)
+        self.plans_done += 1
+        if self.on_configured is not None:
+            self.on_configured(cid, secs)
+        self.controller.on_plan_done(plan_id)

@@ -1,0 +1,141 @@
+"""Measure a cost-model profile of a (small) checkpoint on this machine's CPU, for the live backend.
+
+The live cluster runs the same planner as the simulator, so its cost model must describe the
+machine it runs on, not a T4. This measures, in one process, the engine's prefill and decode step
+time per layer at several batch sizes (tp = 1; a tp > 1 entry is derived from the tp = 1 one
+plus a measured loopback round trip per all-reduce, marked as derived in the file), the loopback
+throughput the controller relays KV over and the warm checkpoint read speed, and writes the
+profile JSON format of spotserve.planner.profiles (ms per layer).
+
+    python -m spotserve.live.profile --model-dir DIR --out profile.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+BATCHES = (1, 2, 4, 8)
+
+
+def _engine_times(model_dir: str, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
+    """(prefill s, decode-step s) of one batch on a lone engine, best of a few runs."""
+    from spotserve.engine.config import EngineConfig
+    from spotserve.engine.engine import Engine
+    from spotserve.engine.sequence import SamplingParams
+
+    eng = Engine(EngineConfig(model_dir, max_batch=max(BATCHES), num_blocks=256))
+    best_p, best_d = float("inf"), float("inf")
+    for rep in range(3):
+        for i in range(batch):
+            eng.add_request(f"r{rep}-{i}", [(7 * i + k) % eng.spec.vocab for k in range(prompt_len)],
+                            SamplingParams(max_new_tokens=steps + 1))
+        t0 = time.perf_counter()
+        eng.step()
+        best_p = min(best_p, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        best_d = min(best_d, (time.perf_counter() - t0) / steps)
+        while eng.has_unfinished():
+            eng.step()
+    return best_p, best_d
+
+
+def _loopback(nbytes: int = 8 << 20) -> tuple[float, float]:
+    """(bytes/s, round-trip s) of a loopback TCP connection."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def echo():
+        conn, _ = srv.accept()
+        with conn:
+            got = 0
+            while got < nbytes:
+                got += len(conn.recv(1 << 20))
+            conn.sendall(b"k")
+            for _ in range(50):
+                conn.sendall(conn.recv(1))
+
+    th = threading.Thread(target=echo, daemon=True)
+    th.start()
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b"\0" * nbytes
+        t0 = time.perf_counter()
+        c.sendall(buf)
+        c.recv(1)
+        bw = nbytes / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            c.sendall(b"x")
+            c.recv(1)
+        rtt = (time.perf_counter() - t0) / 50
+    th.join(timeout=5)
+    srv.close()
+    return bw, rtt
+
+
+def _disk_read(model_dir: str) -> float:
+    """Bytes/s of reading the checkpoint's weight files (page cache warm after the engine loaded them)."""
+    files = list(Path(model_dir).glob("*.safetensors"))
+    total, t0 = 0, time.perf_counter()
+    for f in files:
+        with f.open("rb") as fh:
+            while chunk := fh.read(4 << 20):
+                total += len(chunk)
+    return total / max(time.perf_counter() - t0, 1e-6)
+
+
+def measure(model_dir: str, prompt_len: int = 16, steps: int = 8, tps: tuple[int, ...] = (1, 2),
+            slot_memory_bytes: int = 256 << 20, gpus_per_instance: int = 2) -> dict:
+    """Measure the profile of `model_dir` on this machine; returns the profile JSON object."""
+    from spotserve.models.loader import CheckpointReader
+
+    spec = CheckpointReader(model_dir).spec
+    L = spec.num_layers
+    times = {b: _engine_times(model_dir, b, prompt_len, steps) for b in BATCHES}
+    bw, rtt = _loopback()
+    prof: dict = {
+        "name": f"live-cpu-{spec.name}", "model": spec.name, "layer_num": L, "dtype": "fp32",
+        "init_tokens": prompt_len, "final_fix_factor": 1.0, "embed": [],
+        # a pipeline hop: one loopback message each way inside gloo
+        "pp_init_comm": rtt * 1e3, "pp_incr_comm": rtt * 1e3,
+        "gpu_memory_bytes": slot_memory_bytes, "gpus_per_instance": gpus_per_instance,
+        "reserved_bytes": 16 << 20,
+        # KV is relayed through the controller: two loopback hops
+        "bandwidth": {"intra_bytes_per_s": bw / 2, "inter_bytes_per_s": bw / 2,
+                      "disk_bytes_per_s": _disk_read(model_dir)},
+        "derived": {},
+    }
+    for tp in tps:
+        if not spec.valid_tp(tp):
+            continue
+        table = {}
+        for b, (pre, dec) in times.items():
+            # tp > 1: compute splits over tp workers; each layer adds two all-reduces (a round trip each)
+            extra = 0.0 if tp == 1 else 2 * rtt
+            table[f"bsz-{b}"] = {"init": (pre / L / tp + extra) * 1e3, "incr": (dec / L / tp + extra) * 1e3}
+        prof[f"tp-{tp}"] = table
+        if tp > 1:
+            prof["derived"][f"tp-{tp}"] = "tp-1 time / tp + 2 loopback round trips per layer"
+    return prof
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--gpus-per-instance", type=int, default=2)
+    args = ap.parse_args(argv)
+    prof = measure(args.model_dir, args.prompt_len, gpus_per_instance=args.gpus_per_instance)
+    Path(args.out).write_text(json.dumps(prof, indent=1))
+    print(f"wrote {args.out}: decode {prof['tp-1']['bsz-1']['incr'] * prof['layer_num']:.2f} ms/step at batch 1")
+
+
+if __name__ == "__main__":
+    main()

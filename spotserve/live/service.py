@@ -1,0 +1,316 @@
+"""LiveService: one controller process serving for real (policy core + LiveBackend + workers + state).
+
+It owns the asyncio loop's pieces: the worker server (pool.py), the TCPStore that workers form
+their process groups over, the launcher that starts and SIGKILLs instance processes, the
+Controller (the same policy code the simulator runs) attached to a LiveBackend, and the SQLite
+StateStore. Availability comes from `acquire` / `notice` / `reclaim` calls (a trace replay, the
+HTTP admin endpoints or the AWS notice poller call them); a worker that dies without notice is
+detected by the pool and its whole instance is treated as reclaimed without notice. Requests come
+from `submit` (the HTTP API); a restart with the same state path resumes every unfinished request
+from its committed tokens.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spotserve.controller.approach import get_approach
+from spotserve.controller.controller import Controller
+from spotserve.controller.events import EventLog
+from spotserve.controller.instances import GONE, InstanceConfig, InstanceManager
+from spotserve.controller.policy import Policy
+from spotserve.controller.requests import REJECTED, RUNNING, RequestManager
+from spotserve.live.backend import LiveBackend
+from spotserve.live.launcher import LocalLauncher
+from spotserve.live.metrics import Metrics
+from spotserve.live.pool import WorkerConn, WorkerPool
+from spotserve.live.requests import LiveRequest
+from spotserve.live.state import StateStore
+from spotserve.planner.cost import CostModel, Workload
+
+log = logging.getLogger("spotserve.live")
+
+
+@dataclass
+class LiveConfig:
+    """Settings of a live service. Times are wall-clock seconds."""
+
+    model_dir: str
+    profile: str  # cost-model profile JSON measured on this machine (python -m spotserve.live.profile)
+    run_dir: str
+    gpus_per_instance: int = 2
+    approach: str = "spotserve"
+    rate: float = 1.0  # expected arrival rate (req/s) the optimizer plans for
+    grace_s: float = 5.0
+    prompt_len: int = 16  # workload the optimizer plans for
+    output_len: int = 16
+    state_path: str | None = None
+    host: str = "127.0.0.1"
+    heartbeat_s: float = 0.2
+    heartbeat_timeout_s: float = 3.0
+    connect_timeout_s: float = 120.0
+    engine: dict = field(default_factory=lambda: {"block_size": 8, "num_blocks": 128, "max_batch": 8,
+                                                  "timeout_s": 10.0})
+
+    def __post_init__(self):
+        if self.gpus_per_instance < 1:
+            raise ValueError(f"LiveConfig.gpus_per_instance must be >= 1, got {self.gpus_per_instance}")
+        if self.grace_s < 0 or self.rate < 0:
+            raise ValueError("LiveConfig.grace_s and rate must be >= 0")
+        if not 0 < self.heartbeat_s < self.heartbeat_timeout_s:
+            raise ValueError("LiveConfig: need 0 < heartbeat_s < heartbeat_timeout_s")
+        get_approach(self.approach)
+
+
+class LiveService:
+    """Create inside a running event loop, then `await start(instances)`."""
+
+    def __init__(self, config: LiveConfig, launcher=None, token: bytes | None = None):
+        from spotserve.models.loader import CheckpointReader
+
+        self.config = c = config
+        self.run_dir = Path(c.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.spec = CheckpointReader(c.model_dir).spec
+        self.metrics = Metrics()
+        self.store = StateStore(c.state_path or self.run_dir / "state.sqlite")
+        self.requests: dict[int, LiveRequest] = {}
+        self.token = token or secrets.token_hex(32).encode()
+        self.token_file = self.run_dir / "token"
+        self.token_file.write_bytes(self.token)
+        self.token_file.chmod(0o600)
+        self.launcher = launcher
+        self.pool = WorkerPool(self.token, c.heartbeat_timeout_s, on_lost=self._worker_lost)
+        self.log = EventLog()
+        self._reclaiming: set[str] = set()
+        self._next_id = 0
+        self.recoveries: list[dict] = []  # notice-less loss -> next token of each affected request
+        self.notice_to_serving: list[dict] = []  # notice -> new configuration in place
+        self._lost_at: dict[int, tuple[float, str]] = {}
+        self._noticed: dict[str, float] = {}
+        self._notice_pending: dict[str, tuple[float, int]] = {}
+        self._configure_s = 0.2
+        self.started = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def listen(self) -> str:
+        """Open the worker server and the process-group store; returns the workers' HOST:PORT."""
+        import torch.distributed as dist
+
+        c = self.config
+        port = await self.pool.start(c.host, 0)
+        self.address = f"{c.host}:{port}"
+        self._tcpstore = dist.TCPStore(c.host, 0, is_master=True, wait_for_workers=False)
+        return self.address
+
+    async def start(self, instances: list[str], agents: int = 0) -> None:
+        """Spawn `instances` (through `agents` mpirun agents when > 0, else locally), restore unfinished
+        requests, then hand the instances to the controller as their workers connect."""
+        from spotserve.live.agent import AgentLauncher
+
+        c = self.config
+        if self.pool.server is None:
+            await self.listen()
+        if self.launcher is None and agents > 0:
+            names = [f"agent/{r}" for r in range(1, agents + 1)]
+            await self.pool.wait_for(names, c.connect_timeout_s)
+            self.launcher = AgentLauncher(self.pool, names)
+        if self.launcher is None:
+            self.launcher = LocalLauncher(self.address, self.token_file, c.model_dir, self.run_dir / "logs",
+                                          c.heartbeat_s)
+        cost = CostModel.from_profile(c.profile, spec=self.spec, workload=Workload(c.prompt_len, c.output_len))
+        self.policy = Policy(cost)
+        inst_cfg = InstanceConfig(gpus_per_instance=c.gpus_per_instance, gpu_memory_bytes=cost.gpu_memory_bytes,
+                                  grace_s=c.grace_s)
+        self.rm = RequestManager(max_seq_len=self.spec.max_positions + 1)
+        self.controller = Controller(self.policy, get_approach(c.approach), InstanceManager(inst_cfg), self.rm,
+                                     c.rate, self.log, warm_start=False)
+        engine = dict(c.engine, store_host=c.host, store_port=self._tcpstore.port)
+        self.backend = LiveBackend(self.pool, self.requests, engine, self.store, self.metrics)
+        self.backend.on_token = self._on_token
+        self.backend.on_configured = self._on_configured
+        self.backend.attach(self.controller)
+        self._restore()
+        self.started = True
+        # the start set joins together, so the first plan sees all of it
+        await asyncio.gather(*(self.acquire(name, join=False) for name in instances))
+        for name in instances:
+            self.controller.on_instance_added(name)
+
+    async def close(self) -> None:
+        if self.launcher is not None:
+            self.launcher.close()
+        await self.pool.close()
+        self.store.close()
+
+    def _restore(self) -> None:
+        """Re-queue every unfinished request of the state store with its committed tokens."""
+        now = self.backend.now()
+        for sr in self.store.all():
+            self._next_id = max(self._next_id, int(sr.id) + 1)
+        for sr in self.store.unfinished():
+            rid = int(sr.id)
+            lr = LiveRequest(rid, sr.prompt, sr.params, arrived_wall=sr.arrived_at, tokens=list(sr.tokens))
+            lr.token_wall = [sr.arrived_at] * len(sr.tokens)
+            self.requests[rid] = lr
+            if lr.done:
+                self.store.finish(sr.id, "completed", "length")
+                continue
+            q = self.rm.arrive(rid, now, len(sr.prompt), lr.max_tokens)
+            q.committed = len(sr.tokens)  # resume from the commit (re-prefill of prompt + tokens)
+            self.log.emit(now, "restored", request=rid, committed=q.committed)
+
+    # --- requests ------------------------------------------------------------------------------
+    def check(self, prompt: list[int], max_tokens: int) -> None:
+        """ValueError when the request cannot be served (bad ids, too long for the model)."""
+        if not prompt:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.spec.vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside the vocabulary of {self.spec.vocab}")
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if len(prompt) + max_tokens - 1 > self.spec.max_positions:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} exceeds the model's "
+                             f"{self.spec.max_positions} positions")
+
+    def submit(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0) -> LiveRequest:
+        """Admit a request (durably) and hand it to the controller; ValueError on a bad request."""
+        prompt = [int(t) for t in prompt]
+        self.check(prompt, max_tokens)
+        params = {"max_new_tokens": int(max_tokens), "temperature": float(temperature), "top_p": float(top_p),
+                  "seed": int(seed)}
+        rid = self._next_id
+        self._next_id += 1
+        lr = LiveRequest(rid, prompt, params)
+        self.requests[rid] = lr
+        self.store.add(lr.sid, prompt, params, lr.arrived_wall)
+        self.controller.on_arrival(rid, len(prompt), max_tokens)
+        q = self.rm.requests[rid]
+        if q.state == REJECTED:
+            self.store.finish(lr.sid, "rejected", q.reason)
+            lr.finish()
+            raise ValueError(q.reason)
+        return lr
+
+    def _on_token(self, lr: LiveRequest, index: int) -> None:
+        now = time.time()
+        self.metrics.token(now)
+        if index == 0:
+            self.metrics.ttft.observe(now - lr.arrived_wall)
+        elif len(lr.token_wall) >= 2:
+            self.metrics.token_gap.observe(lr.token_wall[-1] - lr.token_wall[-2])
+        if lr.done:
+            self.metrics.latency.observe(now - lr.arrived_wall)
+            self.metrics.requests.labels("completed").inc()
+        lost = self._lost_at.pop(lr.rid, None)
+        if lost is not None:
+            self.recoveries.append({"request": lr.rid, "instance": lost[1],
+                                    "seconds": round(self.backend.now() - lost[0], 4)})
+
+    def _on_configured(self, config_id: int, seconds: float) -> None:
+        self._configure_s = max(seconds, 0.8 * self._configure_s)  # decays slowly: keep a safe margin
+        if self.backend.plans_done > 1:
+            self.metrics.reconfigurations.inc()
+        now = self.backend.now()
+        for name, (t, cid) in list(self._notice_pending.items()):
+            if config_id > cid:
+                self.notice_to_serving.append({"instance": name, "seconds": round(now - t, 4),
+                                               "configure_s": round(seconds, 4)})
+                del self._notice_pending[name]
+
+    # --- availability --------------------------------------------------------------------------
+    async def acquire(self, name: str, join: bool = True) -> None:
+        """Start an instance's worker processes; once all connected, the controller gets the instance
+        (join=False: the caller hands it over)."""
+        t0 = time.monotonic()
+        names = self.launcher.spawn(name, self.config.gpus_per_instance)
+        await self.pool.wait_for(names, self.config.connect_timeout_s)
+        self.backend.emit("acquired", instance=name, seconds=round(time.monotonic() - t0, 3))
+        if join:
+            self.controller.on_instance_added(name)
+
+    def notice(self, name: str, grace_s: float | None = None) -> float:
+        """A reclaim notice for `name`: plan now, SIGKILL it at the deadline. Returns the deadline."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        deadline = self.backend.now() + grace
+        # The cost model prices the bytes a migration moves, not the fixed cost of stopping a batch,
+        # exporting its KV and re-forming process groups here; the controller plans against a
+        # deadline earlier by that measured overhead, the SIGKILL still comes at the real one.
+        margin = min(grace * 0.5, 0.3 + 2 * self._configure_s)
+        self._noticed[name] = self.backend.now()
+        self._notice_pending[name] = (self.backend.now(), self.backend.config_id)
+        self.backend.emit("notice", instance=name, deadline=round(deadline, 4), margin=round(margin, 3))
+        self.controller.on_notice(name, deadline - margin)
+        self.backend.call_at(deadline, lambda: self.reclaim(name))
+        return deadline
+
+    def reclaim(self, name: str) -> None:
+        """The cloud takes `name` back now: its processes are SIGKILLed, then the controller is told."""
+        inst = self.controller.instances.instances.get(name)
+        if inst is None or inst.state == GONE:
+            return
+        self._reclaiming.add(name)
+        pids = self.launcher.kill(name)
+        self.metrics.preemptions.labels("notice" if name in self._noticed else "none").inc()
+        self.backend.emit("reclaim", instance=name, killed=pids)
+        self._mark_lost(name)
+        self.controller.on_reclaim(name)
+
+    def _mark_lost(self, name: str) -> None:
+        now = self.backend.now()
+        for r in self.controller.replicas.values():
+            if any(g.startswith(name + "/") for g in r.gpus):
+                for q in r.requests:
+                    if q.state == RUNNING:
+                        self._lost_at[q.id] = (now, name)
+
+    def _worker_lost(self, conn: WorkerConn, why: str) -> None:
+        """A worker died without notice: its instance is gone (kill the rest of it), resume elsewhere."""
+        name = conn.instance
+        if conn.is_agent or name in self._reclaiming or not self.started:
+            return
+        inst = self.controller.instances.instances.get(name)
+        self.backend.emit("worker_lost", worker=conn.name, why=why)
+        if inst is None or inst.state == GONE:
+            return
+        self._reclaiming.add(name)
+        pids = self.launcher.kill(name)
+        self.metrics.preemptions.labels("none").inc()
+        self.backend.emit("reclaim", instance=name, killed=pids, notice=False)
+        self._mark_lost(name)
+        self.controller.on_reclaim(name)
+
+    def kill_worker(self, slot: str) -> int:
+        """SIGKILL one worker process without any notice (tests, chaos); returns its pid."""
+        import os
+        import signal
+
+        pid = self.pool.conns[slot].pid
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    # --- views ---------------------------------------------------------------------------------
+    def refresh_metrics(self) -> None:
+        counts: dict[str, int] = {}
+        for inst in self.controller.instances.instances.values():
+            counts[inst.state] = counts.get(inst.state, 0) + 1
+        plan = self.controller.plan
+        self.metrics.refresh(self.rm.queued, self.rm.n_running, plan.config if plan else None, counts)
+
+    def summary(self) -> dict:
+        """Per-request outcome and the run's recovery figures."""
+        reqs = []
+        for lr in self.requests.values():
+            q = self.rm.requests.get(lr.rid)
+            reqs.append({"id": lr.rid, "done": lr.done, "tokens": len(lr.tokens), "max_gap_s": round(lr.max_gap(), 4),
+                         "interruptions": q.interruptions if q else 0, "resumes": lr.resumes,
+                         "recomputed": lr.recomputed, "reprefilled": lr.reprefilled,
+                         "kv_moved_bytes": lr.kv_moved_bytes, "mismatches": lr.mismatches})
+        return {"requests": reqs, "recoveries": self.recoveries, "notice_to_serving": self.notice_to_serving,
+                "reconfigurations": self.backend.plans_done - 1 if self.backend.plans_done else 0}
