@@ -112,6 +112,9 @@ class MigrationExecutor:
             raise ValueError(f"this worker's GPU {me!r} has no rank in {sorted(ranks)}")
         self.spec, self.me, self.ranks, self.dtype = spec, me, dict(ranks), dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Tensors always carry an index; "cuda" must compare equal to the one they are on.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         # CPU: a staging copy costs about as much as the transfer, so contiguous moves of 1 MiB go
         # alone; GPU: copies are ~10x faster than NVLink and large messages much faster than small.
         if solo_bytes is None:
