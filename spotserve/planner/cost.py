@@ -123,6 +123,8 @@ class CostModel:
         # a tied LM head still needs its own copy on the last stage when pp > 1
         self.embed_bytes = int(mem_over.get("embed_bytes", (spec.vocab * spec.hidden + pos) * d))
         self.head_bytes = int(mem_over.get("head_bytes", (spec.vocab * spec.hidden + final_norm) * d))
+        # on a stage that is also the first (pp = 1) a tied LM head is the embedding already held
+        self.first_head_bytes = final_norm * d if spec.tie_word_embeddings else self.head_bytes
         self.activation_bytes_per_token = mem_over.get("activation_bytes_per_token")
 
     @classmethod
@@ -223,7 +225,7 @@ class CostModel:
         pp, tp, batch = np.asarray(pp), np.asarray(tp), np.asarray(batch)
         L, s = self.spec.num_layers, self.spec
         n_max, n_min = -(-L // pp), L // pp
-        first = n_max * self.layer_bytes + self.embed_bytes + np.where(pp == 1, self.head_bytes, 0)
+        first = n_max * self.layer_bytes + self.embed_bytes + np.where(pp == 1, self.first_head_bytes, 0)
         last = n_min * self.layer_bytes + self.head_bytes
         weights = np.maximum(first, np.where(pp == 1, first, last)) / tp
         tokens = self.workload.prompt_len + self.workload.output_len

@@ -1,8 +1,9 @@
 """DeviceMapper: assign the new config's positions to GPUs so that the most context stays in place.
 
 Weight of (new position p, GPU g) = bytes g already holds that p needs: for every decoder layer both
-cover, the layer's weight bytes times the overlap of their tensor-parallel fractions; the same for
-the embedding (first stages) and the LM head (last stages); plus, when p's replica inherits g's old
+cover, the layer's tp-split weight bytes times the overlap of their tensor-parallel fractions plus
+its replicated tensors (norms, row-parallel biases) whole; the same for the embedding (first stages)
+and the LM head (last stages), a tied embedding counted once (planner/exact.py); plus, when p's replica inherits g's old
 replica, the KV cache bytes (K and V) of the inherited requests over the same layers and fraction.
 The assignment maximising the total is a maximum-weight bipartite matching, solved exactly with
 scipy.optimize.linear_sum_assignment on the rows and columns that have any weight. Positions left
@@ -24,6 +25,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from spotserve.planner.cost import CostModel, stage_layer_ranges
+from spotserve.planner.exact import unit_bytes
 from spotserve.planner.types import GPU, ParallelConfig, Position, ReconfigurationPlan, RunningRequest
 
 
@@ -46,7 +48,7 @@ class PositionTable:
     """Per-position descriptors as arrays: layer range, tp fraction (units of 1/den), first/last, replica."""
 
     def __init__(self, shapes: list[ParallelConfig], num_layers: int, den: int):
-        lay_lo, lay_hi, f_lo, f_hi, first, last, rep, stage, shard = ([] for _ in range(9))
+        lay_lo, lay_hi, f_lo, f_hi, first, last, rep, stage, shard, tps = ([] for _ in range(10))
         for r, sh in enumerate(shapes):
             ranges = stage_layer_ranges(num_layers, sh.pp)
             unit = den // sh.tp
@@ -54,11 +56,12 @@ class PositionTable:
                 for k in range(sh.tp):
                     lay_lo.append(lo), lay_hi.append(hi), f_lo.append(k * unit), f_hi.append((k + 1) * unit)
                     first.append(s == 0), last.append(s == sh.pp - 1), rep.append(r)
-                    stage.append(s), shard.append(k)
+                    stage.append(s), shard.append(k), tps.append(sh.tp)
         self.lay_lo, self.lay_hi = np.array(lay_lo, np.int64), np.array(lay_hi, np.int64)
         self.f_lo, self.f_hi = np.array(f_lo, np.int64), np.array(f_hi, np.int64)
         self.first, self.last = np.array(first, bool), np.array(last, bool)
         self.rep, self.stage, self.shard = np.array(rep, np.int64), np.array(stage), np.array(shard)
+        self.tp = np.array(tps, np.int64)
         self.positions = [Position(int(r), int(s), int(k)) for r, s, k in zip(rep, stage, shard)]
 
     def __len__(self) -> int:
@@ -140,10 +143,16 @@ class DeviceMapper:
                        np.maximum(new.lay_lo[:, None], old.lay_lo[ro][None, :]), 0, None)
         ov_f = np.clip(np.minimum(new.f_hi[:, None], old.f_hi[ro][None, :]) -
                        np.maximum(new.f_lo[:, None], old.f_lo[ro][None, :]), 0, None) / den
-        c = self.cost
-        base = ov_l * float(c.layer_bytes)
-        base += (new.first[:, None] & old.first[ro][None, :]) * float(c.embed_bytes)
-        base += (new.last[:, None] & old.last[ro][None, :]) * float(c.head_bytes)
+        ub = unit_bytes(self.cost.spec, self.cost.dtype_bytes)
+        lay, emb, head = ub["layer"], ub["embed"], ub["head"]
+        nf, nl, of, ol = new.first[:, None], new.last[:, None], old.first[ro][None, :], old.last[ro][None, :]
+        # tp-split bytes (scaled by the shard overlap below) and replicated bytes (whole on every shard)
+        base = ov_l * float(lay.even + lay.n * lay.per_elem)
+        if self.cost.spec.tie_word_embeddings:  # one vocab tensor on first and last stages, held once
+            base += ((nf | nl) & (of | ol)) * float(emb.n * emb.per_elem)
+        else:
+            base += (nf & of) * float(emb.n * emb.per_elem) + (nl & ol) * float(head.n * head.per_elem)
+        whole = ov_l * float(lay.replicated) + (nf & of) * float(emb.replicated) + (nl & ol) * float(head.replicated)
         old_rep = old.rep[ro]
         for n_rep, o_rep in inherits.items():
             if kvl.get(o_rep, 0.0) <= 0:
@@ -151,7 +160,10 @@ class DeviceMapper:
             rows = np.nonzero(new.rep == n_rep)[0]
             cs = np.nonzero(old_rep == o_rep)[0]
             base[np.ix_(rows, cs)] += ov_l[np.ix_(rows, cs)] * kvl[o_rep]
-        W[:, cols] = base * ov_f
+        # Replicated tensors stay whole wherever the layer (or stage role) is kept; they are added only
+        # where the shards overlap too: they are a tiny share of a layer, and keeping the matrix as
+        # sparse as the shard overlaps keeps the matching split into small components (see assign).
+        W[:, cols] = base * ov_f + np.where(ov_f > 0, whole, 0.0)
         return W, new
 
     def assign(self, config: ParallelConfig, extra: ParallelConfig | None, gpus: list[GPU],

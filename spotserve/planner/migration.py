@@ -7,6 +7,10 @@ holders' boundaries and every part gets exactly one source: a live holder on the
 any, else the holder with the least send time so far (load balance), else the disk (weights only;
 KV with no live holder is lost and its request must re-prefill or be re-queued).
 
+Bytes are exact (planner/pieces.py, planner/exact.py): sources are chosen in tp fractions, which are
+exact for head-split tensors; ffn / vocab splits follow sharding.partition element by element (gaps at
+uneven boundaries get their own transfer); replicated tensors travel whole, once per destination.
+
 Order: by the destination's stage, then layer (embedding first, LM head last), weights before KV,
 so stage 0 can start as soon as its layers land. Memory rule, shared with the backends: a GPU's
 old piece is dropped right after the last transfer that reads it, unless its new position keeps
@@ -29,7 +33,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spotserve.planner.cost import CostModel
+from spotserve.planner.exact import unit_bytes as unit_bytes_of
 from spotserve.planner.mapper import PositionTable, common_den, replica_shapes
+from spotserve.planner.pieces import ExactPieces
 from spotserve.planner.types import GPU, ParallelConfig, Position, ReconfigurationPlan, RunningRequest, Transfer
 
 KIND_ORDER = {"embed": 0, "layer": 1, "head": 2, "kv": 3}
@@ -118,10 +124,15 @@ class MigrationPlanner:
         new = PositionTable(new_shapes, L, den)
         req_by_id = {q.request_id: q for q in requests}
         cont = continued_requests(inherits, new_shapes, list(requests))
-        unit = {"layer": c.layer_bytes / den, "embed": c.embed_bytes / den, "head": c.head_bytes / den}
+        ub = unit_bytes_of(c.spec, c.dtype_bytes)
+        tied = c.spec.tie_word_embeddings
+        unit = {k: (ub[k].even + ub[k].n * ub[k].per_elem) / den for k in ("layer", "embed", "head")}
 
-        def unit_bytes(key):
+        def unit_bytes(key):  # tp-split bytes per 1/den (memory accounting; a tied pp=1 head counts its vocab)
             return unit[key[0]] if key[0] != "kv" else req_by_id[key[2]].tokens * c.kv_bytes_per_token_layer / den
+
+        def rep_bytes(key):  # replicated bytes, whole on every shard
+            return 0 if key[0] == "kv" else ub[key[0]].replicated
 
         reqs_of_rep = defaultdict(list)
         for q in requests:
@@ -177,12 +188,14 @@ class MigrationPlanner:
         gid_of_old = {i: g for g, i in old_at.items()}
         rep_of_req = {q.request_id: q.replica for q in requests}
 
-        def holders_of(key):
+        def holders_of(key):  # live (gid, lo, hi) holding the key's tp-split part (a tied vocab: both roles)
             if key not in holder_cache:
                 out = []
                 if old is not None and len(live_idx):
                     kind, layer, rid = key
-                    if kind == "embed":
+                    if kind in ("embed", "head") and tied:
+                        mask = old.first[live_idx] | old.last[live_idx]
+                    elif kind == "embed":
                         mask = old.first[live_idx]
                     elif kind == "head":
                         mask = old.last[live_idx]
@@ -195,7 +208,7 @@ class MigrationPlanner:
             return holder_cache[key]
 
         drop_first = set() if self.memory_aware else \
-            self._drop_first(new_at, complete, held_of, needs_of, unit_bytes, budget)
+            self._drop_first(new_at, complete, held_of, needs_of, unit_bytes, rep_bytes, budget)
 
         def sources_of(key):
             hs = holders_of(key)
@@ -204,54 +217,64 @@ class MigrationPlanner:
             return [h for h in hs if h[0] not in drop_first or _covers(needs_of(h[0])[0].get(key), h[1], h[2])]
 
         send_time: dict[str, float] = defaultdict(float)
-        pending = []  # (order key, src, dst, key, lo, hi, nbytes)
+        pending = []  # (order key, src, dst, key, slice, nbytes, elems)
         lost_kv: set[str] = set()
         bw = c.bandwidth
+
+        def charge(src, dst, nbytes):
+            if src is not None:
+                same = instance_of[src] == instance_of[dst]
+                send_time[src] += nbytes / (bw["intra_bytes_per_s"] if same else bw["inter_bytes_per_s"])
+
+        exact = ExactPieces(old, new, old_at, den, tied, instance_of, send_time, self._sources)
         for dst, i in new_at.items():
             if complete(dst, i):
                 continue
             keys, stage = needs_of(dst)
             mine = held_of(dst)
             for key, (a, b) in keys.items():
+                base = (stage, KIND_ORDER[key[0]] == 3, key[1], KIND_ORDER[key[0]], dst, key[2] or "")
+                if key[0] != "kv":
+                    for rank, (src, slc, nbytes, elems) in enumerate(exact.weights(dst, i, key, a, b, mine,
+                                                                                     sources_of(key), ub)):
+                        charge(src, dst, nbytes)
+                        pending.append((base + (rank,), src, dst, key, slc, nbytes, elems))
+                    continue
                 have = mine.get(key)
                 missing = [(a, b)] if have is None else _subtract(a, b, *have)
                 for lo, hi in missing:
                     for s_lo, s_hi, src in self._sources(key, lo, hi, sources_of(key), dst, instance_of, send_time):
-                        if src is None and key[0] == "kv":
+                        if src is None:
                             lost_kv.add(key[2])
                             continue
                         nbytes = int(round((s_hi - s_lo) * unit_bytes(key)))
-                        if src is not None:
-                            same = instance_of[src] == instance_of[dst]
-                            send_time[src] += nbytes / (bw["intra_bytes_per_s"] if same else bw["inter_bytes_per_s"])
-                        order = (stage, KIND_ORDER[key[0]] == 3, key[1], KIND_ORDER[key[0]], dst, key[2] or "", s_lo)
-                        pending.append((order, src, dst, key, s_lo, s_hi, nbytes))
+                        charge(src, dst, nbytes)
+                        pending.append((base + (s_lo,), src, dst, key, (s_lo, s_hi, den), nbytes, None))
         if lost_kv:  # a request whose KV is partly lost re-prefills anyway: do not ship the rest
             pending = [p for p in pending if not (p[3][0] == "kv" and p[3][2] in lost_kv)]
         if self.memory_aware:
             pending.sort(key=lambda p: p[0])
-            transfers = self._order(pending, held_of, needs_of, budget, unit_bytes, den, lost_kv)
+            transfers = self._order(pending, held_of, needs_of, budget, unit_bytes, rep_bytes, lost_kv)
         else:  # old context of full GPUs was freed first, so every transfer fits as it comes
             pending.sort(key=lambda p: (p[2], p[0]))
-            transfers = [self._transfer(src, dst, key, lo, hi, den, nbytes) for _, src, dst, key, lo, hi, nbytes
-                         in pending if not (key[0] == "kv" and key[2] in lost_kv)]
+            transfers = [self._transfer(*p[1:]) for p in pending if not (p[3][0] == "kv" and p[3][2] in lost_kv)]
         disk = sum(t.nbytes for t in transfers if t.src is None)
         est = estimate_seconds(transfers, instance_of, bw)
         return MigrationResult(transfers, est, disk, lost_kv, cont)
 
     @staticmethod
-    def _drop_first(new_at, complete, held_of, needs_of, unit_bytes, budget) -> set[str]:
+    def _drop_first(new_at, complete, held_of, needs_of, unit_bytes, rep_bytes, budget) -> set[str]:
         """GPUs whose old context plus what they must receive exceeds their budget (naive plan only)."""
         out = set()
         for dst, i in new_at.items():
             if complete(dst, i):
                 continue
             held = held_of(dst)
-            total = sum((b - a) * unit_bytes(k) for k, (a, b) in held.items())
+            total = sum((b - a) * unit_bytes(k) + rep_bytes(k) for k, (a, b) in held.items())
             for key, (a, b) in needs_of(dst)[0].items():
                 have = held.get(key)
                 kept = 0 if have is None else max(0, min(b, have[1]) - max(a, have[0]))
-                total += (b - a - kept) * unit_bytes(key)
+                total += (b - a - kept) * unit_bytes(key) + (rep_bytes(key) if have is None else 0)
             if total > budget[dst] + 1e-6:
                 out.add(dst)
         return out
@@ -272,17 +295,17 @@ class MigrationPlanner:
             out.append((a, b, min(pool, key=lambda g: (send_time[g], g))))
         return out
 
-    def _order(self, pending, held_of, needs_of, budget, unit_bytes, den, lost_kv: set[str]) -> list[Transfer]:
+    def _order(self, pending, held_of, needs_of, budget, unit_bytes, rep_bytes, lost_kv: set[str]) -> list[Transfer]:
         """Emit transfers in priority order without exceeding any destination's budget; requests whose
         KV had to be abandoned are added to ``lost_kv`` and their KV transfers removed."""
         incoming: dict[str, float] = defaultdict(float)
         for p in pending:
-            incoming[p[2]] += p[6]
+            incoming[p[2]] += p[5]
         # Fast path: a destination that fits its old context and everything it receives at once can
         # never wait, so when all do the priority order is the answer.
-        if all(sum((b - a) * unit_bytes(k) for k, (a, b) in held_of(d).items()) + inc <= budget[d] + 1e-6
-               for d, inc in incoming.items()):
-            return [self._transfer(src, dst, key, lo, hi, den, nbytes) for _, src, dst, key, lo, hi, nbytes in pending]
+        if all(sum((b - a) * unit_bytes(k) + rep_bytes(k) for k, (a, b) in held_of(d).items()) + inc
+               <= budget[d] + 1e-6 for d, inc in incoming.items()):
+            return [self._transfer(*p[1:]) for p in pending]
         reads: dict[tuple[str, tuple], int] = defaultdict(int)
         for _, src, _, key, *_ in pending:
             if src is not None:
@@ -294,11 +317,11 @@ class MigrationPlanner:
         for gid in touched:
             kept_keys = needs_of(gid)[0]
             for key, (a, b) in held_of(gid).items():
-                ub = unit_bytes(key)
-                usage[gid] += (b - a) * ub
+                ub, rep = unit_bytes(key), rep_bytes(key)
+                usage[gid] += (b - a) * ub + rep
                 need = kept_keys.get(key)
                 kept = 0 if need is None else max(0, min(b, need[1]) - max(a, need[0]))
-                extra = (b - a - kept) * ub
+                extra = (b - a - kept) * ub + (rep if need is None else 0)
                 if extra > 0:
                     if reads[(gid, key)] == 0:
                         usage[gid] -= extra
@@ -309,12 +332,12 @@ class MigrationPlanner:
         while queue:
             progressed, rest = False, []
             for item in queue:
-                _, src, dst, key, lo, hi, nbytes = item
+                _, src, dst, key, slc, nbytes, elems = item
                 if usage[dst] + nbytes > budget[dst] + 1e-6:
                     rest.append(item)
                     continue
                 usage[dst] += nbytes
-                out.append(self._transfer(src, dst, key, lo, hi, den, nbytes))
+                out.append(self._transfer(src, dst, key, slc, nbytes, elems))
                 progressed = True
                 if src is not None:
                     reads[(src, key)] -= 1
@@ -340,23 +363,24 @@ class MigrationPlanner:
             usage[dst] -= droppable.pop(k)
             dropped_keys.add(k[1])
         new_queue = []
-        for order, src, d, key, lo, hi, nbytes in queue:
+        for order, src, d, key, slc, nbytes, elems in queue:
             if src == dst and key in dropped_keys:
                 reads[(src, key)] -= 1
                 if key[0] == "kv":
                     lost_kv.add(key[2])
                     continue
                 src = None
-            new_queue.append((order, src, d, key, lo, hi, nbytes))
+            new_queue.append((order, src, d, key, slc, nbytes, elems))
         return new_queue
 
     @staticmethod
-    def _transfer(src, dst, key, lo, hi, den, nbytes) -> Transfer:
+    def _transfer(src, dst, key, slc, nbytes, elems=None) -> Transfer:
         """A Transfer built without re-validation: every field here is valid by construction (the
         plan's invariants are checked by tests/planner/test_migration.py), and validating thousands
         of them was a third of a 48-GPU plan's time."""
         kind, layer, rid = key
         t = object.__new__(Transfer)
         t.__dict__.update(src=src, dst=dst, tensor=kind, layer=None if kind in ("embed", "head") else int(layer),
-                          slice=None if (lo, hi) == (0, den) else (lo, hi, den), nbytes=int(nbytes), request=rid)
+                          slice=None if slc is None or slc[0] == 0 and slc[1] == slc[2] else slc, nbytes=int(nbytes),
+                          request=rid, elems=elems)
         return t

@@ -12,7 +12,8 @@ penalty; if none, maximise throughput (then minimise the batch time). The migrat
 the stall of moving from the current config: requests arriving during a stall of M seconds wait M/2
 on average, so over a horizon H the per-request cost is M^2 / (2 H). Hysteresis: the current config
 is kept while it still fits and meets the rate within the SLO, or when the best candidate gains less
-than ``min_gain`` (relative). With no feasible shape the result is an explicit cannot-serve choice.
+than ``min_gain`` (relative), unless the candidate only adds replicas to the current ones (same
+shape, more of them): that disrupts no running replica, so any gain is taken. With no feasible shape the result is an explicit cannot-serve choice.
 
 Switch (the no-optimizer ablation and the rerouting baseline): ``fixed_shape`` restricts the space to
 that one replica shape (dp still follows the GPUs; no extra replica). Vectorised with numpy throughout.
@@ -105,13 +106,15 @@ class ConfigOptimizer:
         L = self.cost.spec.num_layers
         return (-(-L // pp) * self.cost.layer_bytes + self.cost.embed_bytes) / tp
 
-    def _migration_seconds(self, pp, tp, world, current: ParallelConfig | None, kept: int):
+    def _migration_seconds(self, pp, tp, world, current: ParallelConfig | None, kept: int, cur_world: int = 0):
         """Quick per-candidate migration estimate (vectorised): the bytes a GPU must receive over the
-        inter-instance link, assuming the best overlap with the old layout a GPU can have."""
+        inter-instance link, assuming the best overlap with the old layout a GPU can have. The same
+        shape on all the current GPUs plus new ones costs nothing: the existing replicas keep serving
+        unchanged while the added ones load (no stall)."""
         need = self._weight_bytes(pp, tp)
         if current is None:
             return need / self.cost.bandwidth["disk_bytes_per_s"]
-        same = (pp == current.pp) & (tp == current.tp) & (world <= kept)
+        same = (pp == current.pp) & (tp == current.tp) & ((world <= kept) | (kept >= max(cur_world, current.world_size)))
         reuse = np.minimum(1.0, pp / current.pp) * np.minimum(1.0, tp / current.tp)
         reuse = np.where(world <= kept, reuse, 0.0)  # fresh GPUs get everything over the network
         return np.where(same, 0.0, need * (1 - reuse) / self.cost.bandwidth["inter_bytes_per_s"])
@@ -146,11 +149,12 @@ class ConfigOptimizer:
             if kept_gpus is None:
                 kept_gpus = min(n_gpus, cur_main.world_size + (current[1].world_size if current[1] else 0))
         kept = kept_gpus or 0
+        cur_world = 0 if current is None else current[0].world_size + (current[1].world_size if current[1] else 0)
         size, rows = sh.size, np.arange(len(sh))
         dp = n_gpus // size
         left = n_gpus - dp * size
         cap_m = dp * sh.phi  # requests/s of the dp main replicas at full batches
-        mig_m = self._migration_seconds(sh.pp, sh.tp, dp * size, cur_main, kept)
+        mig_m = self._migration_seconds(sh.pp, sh.tp, dp * size, cur_main, kept, cur_world)
         pen_m = mig_m ** 2 / (2 * self.horizon_s)
         t1 = sh.table[:, 0]  # one-request batch time: no request of a group is faster
         ok_m = cap_m >= self.headroom * arrival_rate
@@ -194,7 +198,8 @@ class ConfigOptimizer:
         je = np.where(has_e, cj, 0)
         mig = mig_m[ci]
         if has_e.any():
-            mig_e = self._migration_seconds(sh.pp[je], sh.tp[je], dp[ci] * size[ci] + size[je], cur_main, kept)
+            mig_e = self._migration_seconds(sh.pp[je], sh.tp[je], dp[ci] * size[ci] + size[je], cur_main, kept,
+                                            cur_world)
             mig = np.where(has_e, np.maximum(mig, mig_e), mig)
         penalty = mig ** 2 / (2 * self.horizon_s)
         mean_t = (dp[ci] * sh.batch[ci] + np.where(has_e, sh.batch[je], 0)) / phi
@@ -231,6 +236,22 @@ class ConfigOptimizer:
         mean_t = sum(c.dp * c.batch for c in reps) / phi
         return Choice(config, extra, lat, mean_t, phi, phi >= self.headroom * arrival_rate and math.isfinite(lat))
 
+    @staticmethod
+    def adds_only(current: tuple[ParallelConfig, ParallelConfig | None], best: Choice) -> bool:
+        """Whether ``best`` keeps every current replica as it is and only adds replicas: the same main
+        shape with more dp, and the current extra replica unchanged (or a new one). Replicas that lost
+        GPUs are rebuilt whether or not replicas are added, so the surviving ones are untouched either way."""
+        config, extra = current
+        if best.config is None:
+            return False
+        b = best.config
+        if (b.pp, b.tp, b.batch, b.micro_batches) != (config.pp, config.tp, config.batch, config.micro_batches) \
+                or b.dp < config.dp:
+            return False
+        if extra is not None:
+            return best.extra == extra and b.dp > config.dp
+        return b.dp > config.dp or best.extra is not None
+
     def _keep_current(self, current, n_gpus, mem, rate, best: Choice, slo) -> Choice | None:
         config, extra = current
         world = config.world_size + (extra.world_size if extra else 0)
@@ -243,13 +264,16 @@ class ConfigOptimizer:
         if not fits:
             return None
         cur = self.evaluate(config, extra, rate)
-        kept = Choice(cur.config, cur.extra, cur.latency, cur.exec_latency, cur.throughput, cur.meets_rate,
+        keep = Choice(cur.config, cur.extra, cur.latency, cur.exec_latency, cur.throughput, cur.meets_rate,
                       0.0, kept_current=True)
         if cur.meets_rate and slo is not None and cur.latency <= slo:
-            return kept
+            return keep
         if best.meets_rate and not cur.meets_rate:
             return None
+        # Hysteresis guards running replicas against a disruptive move for a small gain; a plan that
+        # only adds replicas disrupts none of them, so any gain is taken.
+        threshold = 0.0 if self.adds_only(current, best) else self.min_gain
         if best.meets_rate:
             gain = best.latency + best.migration_seconds ** 2 / (2 * self.horizon_s)
-            return kept if gain >= (1 - self.min_gain) * cur.latency else None
-        return kept if best.throughput <= (1 + self.min_gain) * cur.throughput else None
+            return keep if gain >= (1 - threshold) * cur.latency else None
+        return keep if best.throughput <= (1 + threshold) * cur.throughput else None

@@ -150,6 +150,17 @@ class Transfer:
     ``layer``). ``slice = (lo, hi, den)`` is the fraction [lo/den, hi/den) of the tensor's
     tensor-parallel dimension (heads / ffn columns / vocab rows); None means the whole tensor.
     ``src`` None means load from disk (weights only).
+
+    Exact meaning (planner/exact.py): ``dst`` gets from ``src`` the part of its new shard that
+    ``src``'s old shard holds, within the fraction (each dimension split by heads is split evenly,
+    so the fraction is exact there). Dimensions split unevenly by ``sharding.partition`` (ffn,
+    vocab) are named exactly by ``elems``: the element ranges [lo, hi) of that dimension this
+    transfer carries (None: none of it, or a KV transfer). Replicated tensors (norms, row-parallel
+    biases, learned positions, final norm) travel whole, once per destination, in the first
+    transfer of that destination and unit whose source holds them (or the first disk read).
+    ``nbytes`` is the exact sum. A transfer that only fills elements at uneven split boundaries has
+    ``slice = (lo, hi, n)`` over the n elements of that dimension (lo, hi = its first and last
+    elements), and comes after the unit's other transfers to that destination.
     """
 
     src: str | None
@@ -159,6 +170,7 @@ class Transfer:
     slice: tuple[int, int, int] | None
     nbytes: int
     request: str | None = None
+    elems: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
         if self.tensor not in ("layer", "embed", "head", "kv"):

@@ -1,31 +1,58 @@
 """DeviceMapper: weights against a scalar recount, optimality against brute force, tp-group locality."""
 import itertools
+import math
 from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import make_gpus, tiny_cost
+from spotserve.models import hf, sharding
 from spotserve.planner import DeviceMapper, ParallelConfig, ReconfigurationPlan, RunningRequest, stage_layer_ranges
 
 COST = tiny_cost(10 ** 9)
 L = COST.spec.num_layers
 
 
+def split_and_whole(spec, names, dtype_bytes=4):
+    """(tp-split bytes, replicated bytes) of HF tensors ``names``, from the sharding rules."""
+    shapes = hf.shape_map(spec)
+    split = whole = 0
+    for n in names:
+        size = math.prod(shapes.get(n) or (spec.vocab, spec.hidden)) * dtype_bytes
+        if sharding.shard_slice(spec, n, 1, 0) is None:
+            whole += size
+        else:
+            split += size
+    return split, whole
+
+
+SPEC = COST.spec
+LAYER = split_and_whole(SPEC, [n for n in hf.shape_map(SPEC) if n.startswith(hf.layer_prefix(SPEC, 0))])
+EMBED = split_and_whole(SPEC, hf.embedding_names(SPEC))
+HEAD = split_and_whole(SPEC, hf.final_norm_names(SPEC) + [hf.lm_head_name(SPEC)])
+
+
 def reference_weight(new_cfg, new_pos, old_cfg, old_pos, kv_layer_bytes):
-    """Context bytes in place, counted layer by layer with exact fractions."""
+    """Context bytes in place, counted layer by layer with exact fractions; replicated tensors whole
+    (where the shards overlap)."""
     nl = stage_layer_ranges(L, new_cfg.pp)[new_pos.stage]
     ol = stage_layer_ranges(L, old_cfg.pp)[old_pos.stage]
     frac = max(Fraction(0), min(Fraction(new_pos.shard + 1, new_cfg.tp), Fraction(old_pos.shard + 1, old_cfg.tp)) -
                max(Fraction(new_pos.shard, new_cfg.tp), Fraction(old_pos.shard, old_cfg.tp)))
     total = Fraction(0)
+    if frac == 0:
+        return 0.0
+
+    def add(split_whole, extra=0):
+        return (split_whole[0] + extra) * frac + split_whole[1]
     for layer in range(L):
         if nl[0] <= layer < nl[1] and ol[0] <= layer < ol[1]:
-            total += (COST.layer_bytes + kv_layer_bytes) * frac
+            total += add(LAYER, kv_layer_bytes)
     if new_pos.stage == 0 and old_pos.stage == 0:
-        total += COST.embed_bytes * frac
+        total += add(EMBED)
     if new_pos.stage == new_cfg.pp - 1 and old_pos.stage == old_cfg.pp - 1:
-        total += COST.head_bytes * frac
+        total += add(HEAD)
     return float(total)
 
 

@@ -5,6 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import make_gpus, tiny_cost
+from exact_oracle import check_exact
+from spotserve.planner.exact import unit_bytes
 from spotserve.planner import DeviceMapper, MigrationPlanner, ParallelConfig, ReconfigurationPlan, RunningRequest
 from spotserve.planner.mapper import PositionTable, common_den, replica_shapes
 
@@ -34,7 +36,7 @@ def key_of(t):
     return (t.tensor, t.layer, t.request)
 
 
-def check_plan(cur_cfg, cur_place, new_cfg, mapping, mig, reqs, gpus, lost_gpus=()):
+def check_plan(cur_cfg, cur_place, new_cfg, mapping, mig, reqs, gpus, lost_gpus=(), per_transfer=True):
     den = common_den(cur_cfg.tp, new_cfg.tp)
     old_reqs = defaultdict(list)
     for q in reqs:
@@ -50,6 +52,9 @@ def check_plan(cur_cfg, cur_place, new_cfg, mapping, mig, reqs, gpus, lost_gpus=
     got = defaultdict(lambda: defaultdict(list))
     for t in mig.transfers:
         lo, hi, d = t.slice or (0, den, den)
+        if d != den:  # fills elements at uneven split boundaries (slice over the elements), checked below
+            assert t.tensor != "kv" and t.elems
+            continue
         scale = den // d
         got[t.dst][key_of(t)].append((lo * scale, hi * scale))
         if t.src is not None:  # the source really holds it
@@ -59,6 +64,8 @@ def check_plan(cur_cfg, cur_place, new_cfg, mapping, mig, reqs, gpus, lost_gpus=
             assert t.tensor != "kv"
     for g, keys in need.items():
         for key, (a, b) in keys.items():
+            if key[0] in ("embed", "head"):  # only elements move there: exact check below
+                continue
             parts = list(got[g].get(key, []))
             have = held.get(g, {}).get(key)
             if have is not None:
@@ -72,11 +79,16 @@ def check_plan(cur_cfg, cur_place, new_cfg, mapping, mig, reqs, gpus, lost_gpus=
             assert pos == b, (g, key, parts, (a, b))
     # memory rule replay: drop an old piece after its last read unless kept
     budget = {g.id: COST.context_budget(g.memory_bytes) for g in gpus}
-    unit = {"layer": COST.layer_bytes / den, "embed": COST.embed_bytes / den, "head": COST.head_bytes / den}
+    # memory accounting of held pieces: tp-split bytes by fraction, replicated tensors whole
+    units = unit_bytes(COST.spec, COST.dtype_bytes)
+    unit = {k: (u.even + u.n * u.per_elem) / den for k, u in units.items()}
     tok = {q.request_id: q.tokens for q in reqs}
 
     def ub(key):
         return unit[key[0]] if key[0] != "kv" else tok[key[2]] * COST.kv_bytes_per_token_layer / den
+
+    def rep(key):
+        return 0 if key[0] == "kv" else units[key[0]].replicated
 
     last_read = {}
     for i, t in enumerate(mig.transfers):
@@ -86,10 +98,10 @@ def check_plan(cur_cfg, cur_place, new_cfg, mapping, mig, reqs, gpus, lost_gpus=
     drops = defaultdict(list)
     for g, keys in held.items():
         for key, (a, b) in keys.items():
-            usage[g] += (b - a) * ub(key)
+            usage[g] += (b - a) * ub(key) + rep(key)
             k = need.get(g, {}).get(key)
             kept = 0 if k is None else max(0, min(b, k[1]) - max(a, k[0]))
-            extra = (b - a - kept) * ub(key)
+            extra = (b - a - kept) * ub(key) + (rep(key) if k is None else 0)
             if extra > 0:
                 if (g, key) in last_read:
                     drops[last_read[(g, key)]].append((g, extra))
@@ -104,6 +116,12 @@ def check_plan(cur_cfg, cur_place, new_cfg, mapping, mig, reqs, gpus, lost_gpus=
     stage = {g: p.stage for p, g in mapping.placement.items()}
     stages = [stage[t.dst] for t in mig.transfers]
     assert stages == sorted(stages)
+    # exact bytes against the sharding rules and the executor's resolution of the plan
+    live = [g.id for g in gpus if g.id not in lost_gpus] + [g for g in cur_place.values() if g not in lost_gpus
+                                                             and g not in {x.id for x in gpus}]
+    cont = {r: n for r, n in mig.continued.items() if r not in mig.lost_kv}
+    check_exact(COST, cur_cfg, cur_place, new_cfg, mapping.placement, mig.transfers, cont, reqs,
+                [g for g in cur_place.values() if g in set(live)], per_transfer)
 
 
 @st.composite
@@ -198,7 +216,9 @@ def test_impossible_budget_raises():
 def test_swap_waits_for_frees_and_unblocks_via_disk():
     from dataclasses import replace
     cfg = ParallelConfig(1, 1, 2, 1)
-    shard = (5 * COST.layer_bytes + COST.embed_bytes + COST.head_bytes) // 2
+    u = unit_bytes(COST.spec, COST.dtype_bytes)  # a tp=2 shard: half the split bytes, replicated ones whole
+    shard = sum(k * (u[n].even + u[n].n * u[n].per_elem) // 2 + k * u[n].replicated
+                for n, k in (("layer", 5), ("embed", 1), ("head", 1)))
     place = {p: f"i{p.shard}/g0" for p in cfg.positions()}
     swapped = {p: f"i{1 - p.shard}/g0" for p in cfg.positions()}
     current = ReconfigurationPlan(cfg, place, [], 0.0)

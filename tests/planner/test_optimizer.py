@@ -159,3 +159,31 @@ def test_20b_on_t4_table_rows_are_feasible_and_meet_rate(cost20b):
         assert ch.latency <= prev + 1e-9  # more GPUs never make the chosen latency worse
         prev = ch.latency
     assert opt.choose(4, 0.35).config is None  # one T4 instance cannot hold 20B in fp32
+
+
+def test_hysteresis_never_blocks_a_plan_that_only_adds_replicas():
+    cost = tiny_cost(800_000)
+    n, rate = 12, 2.0
+    opt = ConfigOptimizer(cost, allow_extra=False)  # min_gain 5%
+    fresh = opt.choose(n, rate)
+    best = fresh.config
+    assert best.dp >= 2
+    fewer = ParallelConfig(best.dp - 1, best.pp, best.tp, best.batch, best.micro_batches)
+    cur = opt.evaluate(fewer, None, rate)
+    assert cur.meets_rate and fresh.latency < cur.latency < fresh.latency / (1 - opt.min_gain)  # a gain < 5%
+    # every current GPU kept, one more replica fits: taken despite min_gain, at no migration cost
+    got = opt.choose(n, rate, current=(fewer, None), kept_gpus=fewer.world_size)
+    assert not got.kept_current and got.config == best and got.migration_seconds == 0
+    assert ConfigOptimizer.adds_only((fewer, None), got)
+    # a current GPU lost (its replica is rebuilt either way): adding a replica is still taken
+    again = opt.choose(n, rate, current=(fewer, None), kept_gpus=fewer.world_size - 1)
+    assert not again.kept_current and again.config == best
+    # another shape is no add-only plan: a large min_gain keeps it
+    strict = ConfigOptimizer(cost, min_gain=0.99, allow_extra=False)
+    other = next(c for c in (ParallelConfig(n // (pp * tp), pp, tp, b, 1) for pp, tp, b in
+                             itertools.product(range(1, 6), cost.tps, (1, 2, 4)) if pp * tp <= n)
+                 if (c.pp, c.tp, c.batch) != (best.pp, best.tp, best.batch) and cost.feasible(c.pp, c.tp, c.batch)
+                 and strict.evaluate(c, None, rate).meets_rate)
+    kept = strict.choose(n, rate, current=(other, None), kept_gpus=other.world_size)
+    assert kept.kept_current and kept.config == other
+    assert not ConfigOptimizer.adds_only((other, None), fresh)

@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 
 from conftest import make_gpus, tiny_cost
+from spotserve.planner.exact import unit_bytes
 from spotserve.planner import (ConfigOptimizer, DeviceMapper, MigrationPlanner, ParallelConfig, Planner,
                                PlannerSwitches, ReconfigurationPlan, RunningRequest)
 
@@ -49,7 +50,9 @@ def test_rank_mapper_ignores_what_gpus_hold():
 def test_without_memory_aware_order_a_full_gpu_reloads_from_disk():
     # two GPUs swap their tp shards; each has room for its shard plus half a layer slice
     cfg = ParallelConfig(1, 1, 2, 1)
-    shard = (5 * COST.layer_bytes + COST.embed_bytes + COST.head_bytes) // 2
+    u = unit_bytes(COST.spec, COST.dtype_bytes)  # a tp=2 shard: half the split bytes, replicated ones whole
+    shard = sum(k * (u[n].even + u[n].n * u[n].per_elem) // 2 + k * u[n].replicated
+                for n, k in (("layer", 5), ("embed", 1), ("head", 1)))
     place = {p: f"i{p.shard}/g0" for p in cfg.positions()}
     swapped = {p: f"i{1 - p.shard}/g0" for p in cfg.positions()}
     current = ReconfigurationPlan(cfg, place, [], 0.0)
