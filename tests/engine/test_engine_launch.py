@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, ROOT, spawn_workers
+from engine_helpers import PYTHON, ROOT, spawn_workers
 from spotserve.engine.config import EngineConfig
 from spotserve.engine.engine import Engine
 from spotserve.engine.sequence import SamplingParams

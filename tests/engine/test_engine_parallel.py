@@ -10,7 +10,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import FAMILIES, HARNESS, PYTHON, rel_err, spawn_workers, wait_all
+from engine_helpers import FAMILIES, HARNESS, PYTHON, rel_err, spawn_workers, wait_all
 
 # (pp, tp): every split of 5 layers x 6 heads on at most 4 workers (pp 2, 3, 4 split the layers unevenly).
 CONFIGS = [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (2, 2), (1, 3)]

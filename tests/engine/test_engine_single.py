@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FAMILIES, rel_err
+from engine_helpers import FAMILIES, rel_err
 from spotserve.engine.config import EngineConfig
 from spotserve.engine.engine import Engine, RequestState
 from spotserve.engine.kv_reshard import RequestKV, assemble

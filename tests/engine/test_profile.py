@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, ROOT
+from engine_helpers import PYTHON, ROOT
 from spotserve.planner.cost import CostModel
 from spotserve.planner.types import ParallelConfig
 

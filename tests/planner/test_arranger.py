@@ -1,7 +1,7 @@
 """InterruptionArranger: steps before the deadline, move vs re-prefill, re-queue, notice-less failures."""
 import pytest
 
-from conftest import GB16
+from planner_helpers import GB16
 from spotserve.planner import Instance, Planner, RunningRequest, gpus_of
 
 

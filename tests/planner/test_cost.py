@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import GB16, T4_20B, tiny_cost
+from planner_helpers import GB16, T4_20B, tiny_cost
 from pipeline_sim import simulate
 from spotserve.planner import CostModel, stage_layer_ranges
 from spotserve.planner.profiles import load_profile, parse_profile
@@ -88,7 +88,7 @@ def test_memory_model_components(cost20b):
 
 
 def test_artifact_profiles_all_load():
-    from conftest import ROOT
+    from planner_helpers import ROOT
     paths = sorted((ROOT / "spotserve/data/profiles-t4").glob("*/*.json"))
     assert len(paths) == 14
     for path in paths:

@@ -4,7 +4,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import make_gpus
+from planner_helpers import make_gpus
 from exact_oracle import check_exact, cost_for
 from spotserve.models import hf, sharding
 from spotserve.planner import DeviceMapper, MigrationPlanner, ParallelConfig, ReconfigurationPlan, RunningRequest

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import make_gpus, tiny_cost
+from planner_helpers import make_gpus, tiny_cost
 from spotserve.models import hf, sharding
 from spotserve.planner import DeviceMapper, ParallelConfig, ReconfigurationPlan, RunningRequest, stage_layer_ranges
 

@@ -4,7 +4,7 @@ from collections import defaultdict
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import make_gpus, tiny_cost
+from planner_helpers import make_gpus, tiny_cost
 from exact_oracle import check_exact
 from spotserve.planner.exact import unit_bytes
 from spotserve.planner import DeviceMapper, MigrationPlanner, ParallelConfig, ReconfigurationPlan, RunningRequest

@@ -6,7 +6,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import tiny_cost
+from planner_helpers import tiny_cost
 from spotserve.planner import ConfigOptimizer, ParallelConfig
 @functools.lru_cache(maxsize=None)
 def _t(cost, pp, tp, k, m):

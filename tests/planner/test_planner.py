@@ -1,7 +1,7 @@
 """Planner facade and shared types: one call from GPUs to a validated ReconfigurationPlan."""
 import pytest
 
-from conftest import GB16
+from planner_helpers import GB16
 from spotserve.planner import (GPU, Instance, ParallelConfig, Planner, Position, ReconfigurationPlan,
                                RequestDecision, RunningRequest, Transfer, gpus_of)
 

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import T4_20B, GB16
+from planner_helpers import T4_20B, GB16
 from spotserve.planner import ConfigOptimizer, CostModel, ParallelConfig
 from spotserve.planner.queueing import _fixed_point, batch_table, group_latency
 

@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import make_gpus, tiny_cost
+from planner_helpers import make_gpus, tiny_cost
 from spotserve.planner.exact import unit_bytes
 from spotserve.planner import (ConfigOptimizer, DeviceMapper, MigrationPlanner, ParallelConfig, Planner,
                                PlannerSwitches, ReconfigurationPlan, RunningRequest)
