@@ -54,17 +54,15 @@ class Move:
 
 @dataclass
 class ByteCheck:
-    """One planner transfer: its nbytes, the exact bytes of its moves, and the planner's model of them
-    (exact bytes of tp-sharded tensors + the fraction of the unit's replicated tensors)."""
+    """One planner transfer: the bytes the planner counted and the exact bytes of its moves."""
 
     index: int
     planner: int
     exact: int
-    model: float
 
     @property
-    def diff(self) -> float:
-        return self.model - self.planner
+    def diff(self) -> int:
+        return self.exact - self.planner
 
 
 @dataclass
@@ -74,7 +72,7 @@ class Resolution:
     checks: list[ByteCheck] = field(default_factory=list)
 
     def summary(self) -> dict:
-        """Totals: planned vs exact bytes, moves and bytes the plan did not name, transfers whose model differs."""
+        """Totals: planned vs exact bytes, moves and bytes the plan did not name, transfers whose bytes differ."""
         extra = [m for m in self.moves if m.transfer == EXTRA]
         return {"planner_bytes": sum(c.planner for c in self.checks), "exact_bytes": sum(c.exact for c in self.checks),
                 "extra_moves": len(extra), "extra_bytes": sum(m.nbytes for m in extra),
@@ -266,20 +264,7 @@ def _merge_layers(moves: list[Move]) -> list[Move]:
 
 def _checks(r: _Resolver, transfers: list[Transfer], moves: list[Move]) -> list[ByteCheck]:
     exact = [0] * len(transfers)
-    sharded = [0] * len(transfers)
     for m in moves:
         if m.transfer >= 0:  # KV: token-exact bytes, as the planner counts them (blocks carry padding)
-            n = m.nbytes if m.kind == "w" else r.kv_bytes(m.name, m.end - m.start, False)
-            exact[m.transfer] += n
-            sharded[m.transfer] += 0 if m.replicated else n
-    out = []
-    for i, t in enumerate(transfers):
-        model = float(sharded[i])
-        if t.tensor != "kv" and t.dst in r.need:
-            lo, hi, den = t.slice or (0, 1, 1)
-            unit = ("layer", t.layer) if t.tensor == "layer" else (t.tensor, -1)
-            rep = sum((rg.end - rg.start) * r.row_bytes(n, 0) for n, rg in r.need[t.dst].items()
-                      if rg.replicated and unit_of(r.spec, n, r.first[t.dst]) == unit)
-            model += rep * (hi - lo) / den
-        out.append(ByteCheck(i, t.nbytes, exact[i], model))
-    return out
+            exact[m.transfer] += m.nbytes if m.kind == "w" else r.kv_bytes(m.name, m.end - m.start, False)
+    return [ByteCheck(i, t.nbytes, exact[i]) for i, t in enumerate(transfers)]

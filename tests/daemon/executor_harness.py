@@ -155,7 +155,7 @@ def run_case(case: dict, world, out: Path) -> None:
             bad_units=bad_units, stats=st.__dict__, lost_kv=sorted(outcome.lost_kv),
             disk_moves=sum(m.nbytes for m in outcome.resolution.moves if m.src is None and m.dst == me),
             summary=outcome.resolution.summary(), planner_lost=sorted(plan.lost_kv),
-            checks=[[c.planner, c.exact, c.model, plan.transfers[c.index].tensor] for c in outcome.resolution.checks],
+            checks=[[c.planner, c.exact, plan.transfers[c.index].tensor] for c in outcome.resolution.checks],
             kv_tokens={rid: p.num_tokens for rid, p in outcome.kv.items()},
             net_moves_in=sum(1 for m in outcome.resolution.moves if m.dst == me and m.src not in (None, me)))
     if requests:
