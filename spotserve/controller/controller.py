@@ -32,6 +32,8 @@ class Controller(ReroutingMixin, BackendEvents):
     """The policy side of a run. In: on_* events; out: Backend commands and the request table.
 
     warm_start: the first layout is taken as loaded before time 0 (the paper's runs start warm).
+    `warm_until` (default 0.0) extends that to a first layout installed up to that time: a live
+    cluster's start set joins a few seconds into its clock and is loaded while it starts.
     """
 
     def __init__(self, policy, approach: Approach, instances: InstanceManager, requests: RequestManager,
@@ -43,6 +45,7 @@ class Controller(ReroutingMixin, BackendEvents):
         self.rate = rate
         self.log = log or EventLog()
         self.warm_start = warm_start
+        self.warm_until = 0.0
         self.backend: Backend | None = None
         self.plan: ReconfigurationPlan | None = None  # the layout now served
         self.replicas: dict[int, Replica] = {}
@@ -262,7 +265,7 @@ class Controller(ReroutingMixin, BackendEvents):
             self._install(plan, {})
             self._finish_migration()
             return
-        warm = self.warm_start and not self._ever_served and now == 0.0
+        warm = self.warm_start and not self._ever_served and now <= self.warm_until
         offsets = {r: 0.0 for r, _ in plan.replica_configs()} if warm else \
             self.policy.ready_offsets(plan, self.approach, fresh=self.approach.mode == "reparallelization")
         if not warm:

@@ -81,6 +81,19 @@ class RequestManager:
             self.queue.append(rid)
         return req
 
+    def restore(self, rid: int, now: float, input_len: int, output_len: int, committed: int) -> Request:
+        """Re-register a request that had `committed` output tokens durable before a controller restart;
+        it queues like an arrival at `now` and resumes from its committed tokens (its KV cache is gone).
+        ValueError unless 0 <= committed < output_len (a fully committed request is already done)."""
+        if not 0 <= committed < output_len:
+            raise ValueError(f"request {rid}: restoring {committed} committed of {output_len} output tokens")
+        req = self.arrive(rid, now, input_len, output_len)
+        if req.state == QUEUED:
+            req.committed = committed
+            if committed:
+                req.first_token_t = now  # its first token came before the restart; no earlier time is known
+        return req
+
     def reject(self, rid: int, reason: str) -> None:
         """Give a request the fate `rejected`, with a reason."""
         req = self.requests[rid]

@@ -25,7 +25,9 @@ class ReroutingMixin:
         for group in group_by_instance(free, shape.pp * shape.tp):
             # never reuse an index: a late load report must not wake a newer replica
             self._next_replica = idx = max(getattr(self, "_next_replica", -1), max(self.replicas, default=-1)) + 1
-            warm = self.warm_start and now == 0.0
+            # Warm: loaded before the run starts (t=0 in the simulator; a live cluster's start set
+            # joins a little later, up to warm_until, and only its first fill is warm).
+            warm = self.warm_start and (now == 0.0 or (not getattr(self, "_rerouted", False) and now <= self.warm_until))
             secs = 0.0 if warm else self.policy.disk_load_s(one)
             self.replicas[idx] = Replica(idx, one, group, float("inf"))
             self.log.emit(now, "replica_load", replica=idx, gpus=len(group), seconds=round(secs, 4), warm=warm)
@@ -33,6 +35,7 @@ class ReroutingMixin:
                 self.reconfigurations += 1
                 self.stall_s += secs
             self.backend.load_replica(idx, one, group, idx, secs)
+        self._rerouted = True
 
     def _reroute_loss(self, hit: list) -> None:
         """Drop the replicas that lost a GPU; their requests restart elsewhere; rebuild from free GPUs."""

@@ -47,14 +47,43 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", required=True, help="a folder holding summary.json from an earlier run")
             continue
         _common(sp, f"runs/{name}")
+        if name == "demo":
+            sp.add_argument("--no-live", action="store_true",
+                            help="skip the live part (worker processes on CPU, one notice, one kill)")
         if name in ("e2e", "cost", "workload", "ablation"):
             sp.add_argument("--model", choices=MODELS + ("all",), default="20B")
         if name in ("e2e", "ablation"):
             sp.add_argument("--trace", choices=TRACES + ("all",), default="As")
+        if name == "e2e":
+            _live_args(sp)
         if name in ("e2e", "workload"):
             sp.add_argument("--approach", default="all" if name == "e2e" else "all",
                             help=f"one of {', '.join(APPROACHES)}, a comma list, or all (the 3 main approaches)")
     return p
+
+
+def _live_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--backend", choices=("sim", "live"), default="sim",
+                    help="sim: the simulator; live: worker processes on this machine (tiny model, scaled trace)")
+    g = sp.add_argument_group("live backend (--backend live)")
+    g.add_argument("--live-duration", type=float, default=60.0, help="seconds the scaled trace lasts (default 60)")
+    g.add_argument("--live-requests", type=int, default=60, help="arrivals kept, evenly over the trace (default 60)")
+    g.add_argument("--live-input-len", type=int, default=16)
+    g.add_argument("--live-output-len", type=int, default=24)
+    g.add_argument("--live-gpus-per-instance", type=int, default=1, help="worker processes per instance")
+    g.add_argument("--live-grace", type=float, default=2.0, help="live seconds from notice to SIGKILL")
+    g.add_argument("--live-model-dir", help="checkpoint folder (default: a tiny random opt-tiny)")
+    g.add_argument("--live-profile", help="live-path profile JSON (default: measured now)")
+    g.add_argument("--no-sim-compare", action="store_true", help="skip the '<approach>@sim' rows")
+
+
+def _live_options(args):
+    from spotserve.experiment.live import LiveOptions
+
+    return LiveOptions(duration_s=args.live_duration, max_requests=args.live_requests,
+                       input_len=args.live_input_len, output_len=args.live_output_len,
+                       gpus_per_instance=args.live_gpus_per_instance, grace_s=args.live_grace,
+                       model_dir=args.live_model_dir, profile=args.live_profile, compare_sim=not args.no_sim_compare)
 
 
 def _approaches(arg: str, default: tuple[str, ...]) -> list[str]:
@@ -131,11 +160,22 @@ def _run(args) -> int:
         print(f"outputs in {out}/ (summary.json, requests_*.csv, events_*.jsonl)")
         print(f"figures: {out / 'latency_percentiles.png'}, {out / 'latency_over_time.png'}")
         print(f"({time.perf_counter() - t0:.1f} s)")
-        return 0
+        if args.no_live:
+            return 0
+        from spotserve.experiment.live import demo_live_part
+
+        return demo_live_part(opts.out)
     models = MODELS if getattr(args, "model", None) == "all" else (args.model,)
     traces = TRACES if getattr(args, "trace", None) == "all" else (getattr(args, "trace", None),)
     for model in models:
-        if args.command == "e2e":
+        if args.command == "e2e" and args.backend == "live":
+            from spotserve.experiment.live import run_e2e_live
+
+            lo = _live_options(args)
+            for tr in traces:
+                summ = run_e2e_live(model, tr, _approaches(args.approach, BASELINES), opts, lo)
+                print(format_table(summ, f"\nlive: {model} x {tr} (tiny model, trace scaled to {lo.duration_s:.0f} s)"))
+        elif args.command == "e2e":
             for tr in traces:
                 summ = runner.run_e2e(model, tr, _approaches(args.approach, BASELINES), opts)
                 print(format_table(summ, f"\n{model} x {tr}"))

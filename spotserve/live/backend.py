@@ -6,13 +6,16 @@ tokens come back and are committed at once), so a stop lands exactly on a step b
 token is durable before anyone sees it. At a stop the unfinished requests' KV pieces are
 exported from the workers and parked here; a resume with `kv_ready` sends each new position the
 pieces it needs and the worker re-slices them (engine kv_reshard), so a request continues with
-no recomputation across any change of (pp, tp). Weights: a worker keeps its slices when its
+no recomputation across any change of (pp, tp). A replica the plan leaves unchanged
+(keeps_unchanged_replicas) is not touched at all: its batch decodes on through the
+reconfiguration and is only renumbered. Weights: a worker keeps its slices when its
 (pp, tp, stage, shard) is unchanged and otherwise re-reads its slices from the checkpoint (the
 daemon-based migration executor is not wired in yet; see the report).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -51,6 +54,8 @@ class ReplicaRun:
 
 class LiveBackend(Backend):
     """Backend over a WorkerPool. `engine` holds per-worker engine settings (block size, blocks...)."""
+
+    keeps_unchanged_replicas = True  # an unchanged replica's workers and batch run through a plan
 
     def __init__(self, pool: WorkerPool, requests: dict[int, LiveRequest], engine: dict, store=None,
                  metrics=None, command_timeout_s: float = 60.0):
@@ -164,13 +169,16 @@ class LiveBackend(Backend):
                 b.step_s = time.monotonic() - t0
                 step += 1
                 now = self.now()
-                for sid, tok in replies[sampler].body["tokens"].items():
-                    q = by_sid[sid]
-                    self._commit(q, index[q.id], tok)
-                    index[q.id] += 1
-                    b.first_t.setdefault(q.id, now)
-                    if index[q.id] >= q.output_len:
-                        b.finish_t[q.id] = now
+                # one store transaction per step; no await inside, so no reader sees a token before
+                # the transaction that makes it durable has committed
+                with self._transaction():
+                    for sid, tok in replies[sampler].body["tokens"].items():
+                        q = by_sid[sid]
+                        self._commit(q, index[q.id], tok)
+                        index[q.id] += 1
+                        b.first_t.setdefault(q.id, now)
+                        if index[q.id] >= q.output_len:
+                            b.finish_t[q.id] = now
             live = [str(q.id) for q in b.reqs if index[q.id] < q.output_len]
             if stopped and live:
                 await self._park(rt, workers, live, index)
@@ -200,6 +208,9 @@ class LiveBackend(Backend):
             else:
                 lr.kv = None
 
+    def _transaction(self):
+        return self.store.transaction() if self.store is not None else contextlib.nullcontext()
+
     def _commit(self, q, index: int, tok: int) -> None:
         lr = self.requests[q.id]
         if lr.accept(index, tok):
@@ -225,17 +236,22 @@ class LiveBackend(Backend):
     # --- reconfiguration ----------------------------------------------------------------------
     def execute_plan(self, plan: ReconfigurationPlan, plan_id: int, stall_s: float,
                      keep: dict[int, int] | None = None) -> None:
-        # keeps_unchanged_replicas stays False: every replica is re-formed under a new config id, so the
-        # controller stops every batch before calling this and `keep` is always None here
+        # replicas in `keep` (new index -> old) go on as they are: same workers, same process group,
+        # same running batch, only renumbered; every other replica is re-formed under a new config id
         self.config_id += 1
         cid = self.config_id
+        keep = dict(keep or {})
         layout = {}
         for idx, shape in plan.replica_configs():
             pos = sorted((p for p in plan.placement if p.replica == idx), key=lambda p: (p.stage, p.shard))
             layout[idx] = (shape, [plan.placement[p] for p in pos])
-        self._install(cid, layout)
+        for new, old in keep.items():
+            rt = self.replicas.get(old)
+            if rt is None or rt.shape != layout[new][0] or rt.slots != layout[new][1]:
+                raise ValueError(f"plan {plan_id}: kept replica {old} -> {new} does not match the running one")
+        self._install(cid, layout, keep)
         self.emit("configure", config_id=cid, config=plan.config.short() if plan.config else None,
-                  replicas={i: s for i, (_, s) in layout.items()})
+                  replicas={i: s for i, (_, s) in layout.items()}, kept={n: o for n, o in sorted(keep.items())})
         asyncio.ensure_future(self._configure(cid, plan_id, idle_others=True))
 
     def load_replica(self, replica: int, shape: ParallelConfig, gpus: list[str], load_id: int,
@@ -245,16 +261,26 @@ class LiveBackend(Backend):
         self.replicas[replica] = ReplicaRun(replica, shape, list(gpus), cid)
         asyncio.ensure_future(self._configure(cid, load_id, idle_others=False, only=[replica]))
 
-    def _install(self, cid: int, layout: dict) -> None:
+    def _install(self, cid: int, layout: dict, keep: dict[int, int] | None = None) -> None:
+        keep = keep or {}
+        kept_old = set(keep.values())
         for rt in self.replicas.values():
-            if rt.batch is not None and rt.batch.task is not None:
+            if rt.index not in kept_old and rt.batch is not None and rt.batch.task is not None:
                 rt.batch.task.cancel()  # the controller migrates only between batches; defensive
-        self.replicas = {i: ReplicaRun(i, shape, slots, cid) for i, (shape, slots) in layout.items()}
+        old = self.replicas
+        self.replicas = {}
+        for i, (shape, slots) in layout.items():
+            if i in keep:
+                rt = old[keep[i]]
+                rt.index = i  # renumbered only: its batch now reports under the new index
+                self.replicas[i] = rt
+            else:
+                self.replicas[i] = ReplicaRun(i, shape, slots, cid)
 
     def _position_msgs(self, cid: int, only: list[int] | None) -> dict[str, tuple[dict, dict]]:
         msgs = {}
         for rt in self.replicas.values():
-            if only is not None and rt.index not in only:
+            if (only is not None and rt.index not in only) or rt.config_id != cid:
                 continue
             s = rt.shape
             cfg = {"pp": s.pp, "tp": s.tp, "micro_batches": s.micro_batches, "store_host": self.store_host,
@@ -268,8 +294,9 @@ class LiveBackend(Backend):
     async def _configure(self, cid: int, plan_id: int, idle_others: bool, only: list[int] | None = None) -> None:
         t0 = time.monotonic()
         msgs = self._position_msgs(cid, only)
+        busy = {s for rt in self.replicas.values() if rt.config_id != cid for s in rt.slots}  # kept: untouched
         targets = {name: msgs.get(name) for name, c in self.pool.conns.items()
-                   if c.alive and not c.is_agent and (name in msgs or idle_others)}
+                   if c.alive and not c.is_agent and name not in busy and (name in msgs or idle_others)}
         results: dict[str, object] = {}
 
         async def one(name, m):

@@ -22,11 +22,15 @@ from pathlib import Path
 from spotserve.live.launcher import LocalLauncher
 from spotserve.live.pool import WorkerPool
 from spotserve.live.profile import BATCHES, measure
+from spotserve.live.state import StateStore
 
 LAYOUTS = ((1, 1), (1, 2), (2, 1))
 
 
-async def _time_layout(conns, cid, pp, tp, store_port, batch, prompt_len, steps, vocab) -> tuple[float, float]:
+async def _time_layout(conns, cid, pp, tp, store_port, batch, prompt_len, steps, vocab,
+                       state=None) -> tuple[float, float]:
+    """(prefill s, decode step s) of a batch, as the live backend pays them: the add_requests round
+    trip in the prefill, and each step's tokens committed to a StateStore (`state`) in the step."""
     cfg = {"pp": pp, "tp": tp, "store_host": "127.0.0.1", "store_port": store_port, "block_size": 8,
            "num_blocks": 256, "max_batch": max(BATCHES), "timeout_s": 30.0}
     use = conns[:pp * tp]
@@ -37,15 +41,29 @@ async def _time_layout(conns, cid, pp, tp, store_port, batch, prompt_len, steps,
     for rep in range(2):
         reqs = [{"id": f"{cid}-{rep}-{i}", "prompt": [(5 * i + k) % vocab for k in range(prompt_len)], "output": [],
                  "params": {"max_new_tokens": steps + 1}} for i in range(batch)]
-        await asyncio.gather(*(c.call("add_requests", {"requests": reqs}) for c in use))
+        sampler = (pp - 1) * tp  # first shard of the last stage returns the tokens
+        if state is not None:
+            for r in reqs:
+                state.add(r["id"], r["prompt"], r["params"])
         t0 = time.perf_counter()
-        await asyncio.gather(*(c.call("step", {"config_id": cid, "step": 0}) for c in use))
+        await asyncio.gather(*(c.call("add_requests", {"requests": reqs}) for c in use))
+        _commit(state, (await asyncio.gather(*(c.call("step", {"config_id": cid, "step": 0}) for c in use)))[sampler],
+                0)
         best_p = min(best_p, time.perf_counter() - t0)
         t0 = time.perf_counter()
         for s in range(steps):
-            await asyncio.gather(*(c.call("step", {"config_id": cid, "step": s + 1}) for c in use))
+            got = await asyncio.gather(*(c.call("step", {"config_id": cid, "step": s + 1}) for c in use))
+            _commit(state, got[sampler], s + 1)
         best_d = min(best_d, (time.perf_counter() - t0) / steps)
     return best_p, best_d
+
+
+def _commit(state, reply, index: int) -> None:
+    if state is None:
+        return
+    with state.transaction():
+        for sid, tok in reply.body["tokens"].items():
+            state.commit(sid, index, [int(tok)])
 
 
 async def _measure(model_dir: str, prompt_len: int, steps: int) -> dict:
@@ -61,6 +79,7 @@ async def _measure(model_dir: str, prompt_len: int, steps: int) -> dict:
     port = await pool.start()
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     launcher = LocalLauncher(f"127.0.0.1:{port}", run / "token", model_dir, run / "logs")
+    state = StateStore(run / "state.sqlite")
     try:
         conns = await pool.wait_for(launcher.spawn("cal", 2), 180)
         times, cid = {}, 0
@@ -70,11 +89,12 @@ async def _measure(model_dir: str, prompt_len: int, steps: int) -> dict:
             for b in BATCHES:
                 cid += 1
                 times[(pp, tp, b)] = await _time_layout(conns, cid, pp, tp, store.port, b, prompt_len, steps,
-                                                        spec.vocab)
+                                                        spec.vocab, state)
         return {"times": times, "spec": spec}
     finally:
         launcher.close()
         await pool.close()
+        state.close()
 
 
 def measure_live(model_dir: str, prompt_len: int = 16, steps: int = 6, gpus_per_instance: int = 2) -> dict:

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
+import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -28,6 +32,13 @@ async def _run(model_dir: str, profile: str, run_dir: str, reqs, say) -> list[di
     from spotserve.live.service import LiveConfig, LiveService
 
     svc = LiveService(LiveConfig(model_dir, profile, run_dir, gpus_per_instance=2, rate=200.0, grace_s=2.0))
+    try:
+        return await _drive(svc, reqs, say)
+    finally:  # on any error or timeout too: every worker process is SIGKILLed, no orphans
+        await svc.close()
+
+
+async def _drive(svc, reqs, say) -> list[dict]:
     say("starting instances i0, i1, i2 (2 worker processes each)...")
     await svc.start(["i0", "i1", "i2"])
     svc.backend.step_pause_s = 0.02  # slow enough to watch
@@ -67,30 +78,55 @@ async def _run(model_dir: str, profile: str, run_dir: str, reqs, say) -> list[di
         say(f"request {r['request']}: next token {r['seconds']:.3f} s after its worker was killed")
     for r in svc.notice_to_serving:
         say(f"notice for {r['instance']} -> serving on the new config after {r['seconds']:.2f} s")
-    await svc.close()
     return rows
 
 
-def run_live_demo(out_dir: str | None = None, say=print, n_requests: int = 16) -> list[dict]:
-    """Run the demo; returns one row per request (and prints what happened)."""
+def run_live_demo(out_dir: str | None = None, say=print, n_requests: int = 16, timeout_s: float = 300.0) -> list[dict]:
+    """Run the demo; returns one row per request (and prints what happened).
+
+    `out_dir` keeps the model, profile and run logs (reused by a later run); without it everything
+    lives in a temporary folder removed at the end. Raises TimeoutError past `timeout_s`; on any
+    error, timeout, Ctrl-C or SIGTERM every worker process started here is killed first.
+    """
+    root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="spotserve-live-demo-"))
+    old_term = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _term)  # turn SIGTERM into SystemExit so the cleanup runs
+    try:
+        return _demo(root, say, n_requests, timeout_s)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, old_term)
+        if not out_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _term(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _demo(root: Path, say, n_requests: int, timeout_s: float) -> list[dict]:
     from spotserve.live.calibrate import measure_live
     from spotserve.models import get_spec
     from spotserve.models.checkpoint import write_random_checkpoint
-    import json
 
-    root = Path(out_dir or tempfile.mkdtemp(prefix="spotserve-live-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
     model = root / "opt-tiny"
     if not (model / "config.json").is_file():
         write_random_checkpoint(get_spec("opt-tiny"), model, seed=0, dtype="fp32")
     profile = root / "profile.json"
     if not profile.is_file():
-        say("measuring the live-path profile on this machine...")
+        say("measuring the live-path profile on this machine (2 worker processes)...")
         profile.write_text(json.dumps(measure_live(str(model))))
     rng = random.Random(0)
     reqs = [([rng.randrange(160) for _ in range(rng.randint(4, 12))], rng.randint(40, 80)) for _ in range(n_requests)]
     want = _reference(str(model), reqs)
     run_dir = tempfile.mkdtemp(prefix="run-", dir=root)  # fresh state: nothing restored from an older run
-    rows = asyncio.run(_run(str(model), str(profile), run_dir, reqs, say))
+
+    async def bounded():
+        return await asyncio.wait_for(_run(str(model), str(profile), run_dir, reqs, say), timeout_s)
+
+    rows = asyncio.run(bounded())
     say(f"{'req':>4} {'tokens':>6} {'interrupted':>11} {'resumed':<28} {'max gap s':>9} {'= uninterrupted':>15}")
     for r, w in zip(rows, want):
         how = ", ".join(f"{x['how']}@{x['at']}" for x in r["resumes"]) or "-"

@@ -128,7 +128,8 @@ class LiveService:
                                   grace_s=c.grace_s)
         self.rm = RequestManager(max_seq_len=self.spec.max_positions + 1)
         self.controller = Controller(self.policy, get_approach(c.approach), InstanceManager(inst_cfg), self.rm,
-                                     c.rate, self.log, warm_start=False)
+                                     c.rate, self.log, warm_start=True)
+        self.controller.warm_until = float("inf")  # the first layout (start set) is no reconfiguration
         engine = dict(c.engine, store_host=c.host, store_port=self._tcpstore.port)
         self.backend = LiveBackend(self.pool, self.requests, engine, self.store, self.metrics)
         self.backend.on_token = self._on_token
@@ -160,8 +161,8 @@ class LiveService:
             if lr.done:
                 self.store.finish(sr.id, "completed", "length")
                 continue
-            q = self.rm.arrive(rid, now, len(sr.prompt), lr.max_tokens)
-            q.committed = len(sr.tokens)  # resume from the commit (re-prefill of prompt + tokens)
+            # resumes from the commit (re-prefill of prompt + committed tokens)
+            q = self.rm.restore(rid, now, len(sr.prompt), lr.max_tokens, len(sr.tokens))
             self.log.emit(now, "restored", request=rid, committed=q.committed)
 
     # --- requests ------------------------------------------------------------------------------
@@ -313,4 +314,4 @@ class LiveService:
                          "recomputed": lr.recomputed, "reprefilled": lr.reprefilled,
                          "kv_moved_bytes": lr.kv_moved_bytes, "mismatches": lr.mismatches})
         return {"requests": reqs, "recoveries": self.recoveries, "notice_to_serving": self.notice_to_serving,
-                "reconfigurations": self.backend.plans_done - 1 if self.backend.plans_done else 0}
+                "reconfigurations": self.controller.reconfigurations}  # the start set's layout is warm

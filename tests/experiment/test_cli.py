@@ -21,7 +21,7 @@ def test_help_lists_every_subcommand():
 
 
 def test_demo_writes_outputs_and_figures(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--no-progress", "--no-live"]) == 0
     printed = capsys.readouterr().out
     cell = tmp_path / "e2e_20B_Bs"
     assert str(cell / "latency_percentiles.png") in printed

@@ -47,3 +47,32 @@ def test_state_survives_sigkill_of_the_controller(tmp_path):
     assert set(left) == {"a", "c"}
     assert left["a"].tokens == [5, 6, 7] and left["a"].status == "running"
     assert s.get("b").status == "completed"
+
+
+def test_request_manager_restore_resumes_from_the_commit():
+    from spotserve.controller.requests import QUEUED, RequestManager
+
+    rm = RequestManager(max_seq_len=64)
+    q = rm.restore(7, 3.0, 10, 20, 5)
+    assert (q.state, q.committed, q.remaining, q.kv_ready, q.first_token_t) == (QUEUED, 5, 15, False, 3.0)
+    assert list(rm.queue) == [7]
+    assert rm.restore(8, 3.0, 10, 20, 0).first_token_t is None
+    for bad in (-1, 20, 21):
+        with pytest.raises(ValueError, match="restoring"):
+            rm.restore(9, 3.0, 10, 20, bad)
+    assert 9 not in rm.requests
+
+
+def test_transaction_groups_commits_and_rolls_back_on_error(tmp_path):
+    st = StateStore(tmp_path / "s.sqlite")
+    st.add("a", [1, 2], {"max_new_tokens": 4})
+    st.add("b", [3], {"max_new_tokens": 4})
+    with st.transaction():
+        st.commit("a", 0, [7])
+        st.commit("b", 0, [8])
+    with pytest.raises(ValueError, match="conflicts"):
+        with st.transaction():
+            st.commit("a", 1, [9])
+            st.commit("b", 0, [5])  # conflicts with the committed 8: the whole step is undone
+    assert st.get("a").tokens == [7] and st.get("b").tokens == [8]
+    st.close()
