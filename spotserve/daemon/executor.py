@@ -41,7 +41,8 @@ Unit = tuple[str, int]
 class MigrationStats:
     """What this worker did (bytes are payload bytes)."""
 
-    seconds: float = 0.0
+    seconds: float = 0.0  # the move itself
+    prepare_seconds: float = 0.0  # resolving the plan into moves and rounds (host only)
     sent_bytes: int = 0
     received_bytes: int = 0
     local_bytes: int = 0
@@ -52,6 +53,19 @@ class MigrationStats:
     rounds: int = 0  # rounds in which this worker had work
     staging_bytes: int = 0  # staging memory this worker allocated
     aliased: int = 0  # tensors kept as they were (same shard before and after)
+
+
+@dataclass
+class Prepared:
+    """A plan resolved for one worker (MigrationExecutor.prepare): reusable for the same layouts."""
+
+    old: Layout | None
+    new: Layout
+    requests: list[KVRequest]
+    resolution: Resolution
+    rounds: list
+    old_bs: int
+    seconds: float
 
 
 @dataclass
@@ -142,25 +156,39 @@ class MigrationExecutor:
         thread.start()
         return thread, progress, box
 
-    def run(self, old: Layout | None, new: Layout, transfers: list[Transfer], weights: dict[str, torch.Tensor],
-            kv: dict[str, RequestKV] | None = None, requests: list[KVRequest] = (), live=None,
-            on_arrival: Callable[[Unit], None] | None = None, progress: Progress | None = None) -> MigrationOutcome:
-        """Moves this worker's part of the migration from `old` to `new` in plan order.
-
-        weights: this worker's old shards (HF name -> tensor) as held in `old`; kv: its KV pieces
-        (Engine.export_request) of the requests in `requests`; live: old GPUs still holding their
-        context (default all). Raises ValueError for inputs that disagree with the layouts.
-        """
+    def prepare(self, old: Layout | None, new: Layout, transfers: list[Transfer], requests: list[KVRequest] = (),
+                live=None) -> "Prepared":
+        """Resolve the plan into exact moves and rounds: pure host work that depends on the layouts
+        only, so a worker does it when the plan arrives, while it still serves, not inside the move."""
         t0 = time.perf_counter()
         elem = torch.empty((), dtype=self.dtype).element_size()
         res = resolve(self.spec, old, new, transfers, requests, elem, live)
         old_bs = old.block_size if old is not None else new.block_size
         rounds = plan_rounds(res.moves, self.staging_bytes // self.depth, self.solo_bytes, old_bs)
-        run = _Run(self, old, new, res, weights, kv or {}, {r.request_id: r for r in requests}, old_bs,
-                   on_arrival, progress or Progress())
-        run.execute(rounds)
+        return Prepared(old, new, list(requests), res, rounds, old_bs, time.perf_counter() - t0)
+
+    def run(self, old: Layout | None, new: Layout, transfers: list[Transfer], weights: dict[str, torch.Tensor],
+            kv: dict[str, RequestKV] | None = None, requests: list[KVRequest] = (), live=None,
+            on_arrival: Callable[[Unit], None] | None = None, progress: Progress | None = None,
+            prepared: "Prepared | None" = None) -> MigrationOutcome:
+        """Moves this worker's part of the migration from `old` to `new` in plan order.
+
+        weights: this worker's old shards (HF name -> tensor) as held in `old`; kv: its KV pieces
+        (Engine.export_request) of the requests in `requests`; live: old GPUs still holding their
+        context (default all); prepared: the result of prepare() for the same arguments (else it is
+        done here). stats.seconds counts the move only, stats.prepare_seconds the resolution.
+        Raises ValueError for inputs that disagree with the layouts.
+        """
+        if prepared is None:
+            prepared = self.prepare(old, new, transfers, requests, live)
+        t0 = time.perf_counter()
+        run = _Run(self, prepared.old, prepared.new, prepared.resolution, weights, kv or {},
+                   {r.request_id: r for r in prepared.requests}, prepared.old_bs, on_arrival, progress or Progress())
+        run.execute(prepared.rounds)
         run.stats.seconds = time.perf_counter() - t0
-        return MigrationOutcome(run.new_w, run.finish_kv(), res.lost_kv, run.stats, res)
+        run.stats.prepare_seconds = prepared.seconds
+        return MigrationOutcome(run.new_w, run.finish_kv(), prepared.resolution.lost_kv, run.stats,
+                                prepared.resolution)
 
 
 def _contiguous_box(t: torch.Tensor, dim: int, length: int) -> bool:

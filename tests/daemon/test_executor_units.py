@@ -91,6 +91,22 @@ def test_local_and_checkpoint_only_migration(tmp_path):
     assert set(arrived) == {("embed", -1), ("head", -1), *[("layer", i) for i in range(UNEVEN.num_layers)]}
 
 
+def test_prepared_plan_is_reusable_and_gives_the_same_shards(tmp_path):
+    """prepare() once (when the plan arrives), run() twice with it: same shards as an unprepared run."""
+    write_random_checkpoint(UNEVEN, tmp_path, seed=2, dtype="fp32")
+    old, new = layout((1, 1, 2), ["g0", "g1"]), layout((1, 1, 1), ["g0"])
+    mine = load_shard(tmp_path, 1, 0, 2, 0)
+    ex = MigrationExecutor(UNEVEN, "g0", {"g0": 0}, dtype=torch.float32, checkpoint=tmp_path)
+    prep = ex.prepare(old, new, [], live={"g0"})
+    assert prep.seconds > 0 and prep.rounds is not None
+    outs = [ex.run(old, new, [], mine, live={"g0"}, prepared=prep) for _ in range(2)]
+    plain = ex.run(old, new, [], mine, live={"g0"})
+    for out in outs:
+        assert out.stats.prepare_seconds == prep.seconds
+        assert sorted(out.weights) == sorted(plain.weights)
+        assert all(torch.equal(out.weights[n], t) for n, t in plain.weights.items())
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     old, new = layout((1, 1, 2), ["g0", "g1"]), layout((1, 1, 1), ["g0"])
     with pytest.raises(ValueError, match="no rank"):
