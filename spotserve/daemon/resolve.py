@@ -19,6 +19,10 @@ from dataclasses import dataclass, field, replace
 
 from spotserve.daemon.layout import KVRequest, Layout, full_shape, unit_of
 from spotserve.models.spec import ModelSpec
+# One definition of interval cutting and fraction rounding: the planner counts bytes with the same
+# rounding the executor moves them with, which is what makes planned bytes exact.
+from spotserve.planner.pieces import cut as _cut
+from spotserve.planner.pieces import frac_elem as _frac
 from spotserve.planner.types import Transfer
 
 LOCAL = -1  # kept on the destination from its old position
@@ -79,23 +83,6 @@ class Resolution:
                 "extra_disk_bytes": sum(m.nbytes for m in extra if m.src is None),
                 "mismatched_transfers": sum(1 for c in self.checks if abs(c.diff) > 1),
                 "max_abs_diff": max((abs(c.diff) for c in self.checks), default=0.0)}
-
-
-def _cut(ivs: list[tuple[int, int]], a: int, b: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(parts of ivs inside [a, b), ivs minus [a, b))."""
-    inside, rest = [], []
-    for lo, hi in ivs:
-        x, y = max(lo, a), min(hi, b)
-        if x >= y:
-            rest.append((lo, hi))
-            continue
-        inside.append((x, y))
-        rest += [iv for iv in ((lo, x), (y, hi)) if iv[0] < iv[1]]
-    return inside, sorted(rest)
-
-
-def _frac(x: int, n: int, den: int) -> int:
-    return (x * n + den // 2) // den
 
 
 class _Resolver:
