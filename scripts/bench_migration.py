@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 
 
 def bench_executor(args) -> dict:
-    """Runs scripts/bench_executor_worker.py on 2 gloo processes; prints and returns its figures."""
+    """Runs scripts/executor_worker.py on 2 gloo processes; prints and returns its figures."""
     import socket
 
     out = Path(tempfile.mkdtemp(prefix="bexec"))
@@ -171,7 +171,7 @@ def bench_executor(args) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    worker = Path(__file__).with_name("bench_executor_worker.py")
+    worker = Path(__file__).with_name("executor_worker.py")
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
