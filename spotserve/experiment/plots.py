@@ -11,6 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from spotserve.experiment.outputs import read_instances, read_requests, read_summary  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+    """Write a finished figure and free it (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def latency_percentiles(out: Path, title: str = "") -> Path:
     """Grouped bars of avg / P50 / P90 / P99 latency per approach."""
     summ = read_summary(out)
@@ -24,11 +32,7 @@ def latency_percentiles(out: Path, title: str = "") -> Path:
     ax.set_ylabel("latency (s)")
     ax.set_title(title or "request latency")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "latency_percentiles.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "latency_percentiles.png")
 
 
 def latency_over_time(out: Path, title: str = "") -> Path:
@@ -48,11 +52,7 @@ def latency_over_time(out: Path, title: str = "") -> Path:
             ax2.set_ylabel("instances", color="tab:red", fontsize=8)
     axes[-1, 0].set_xlabel("arrival time (s)")
     fig.suptitle(title or "latency over time")
-    fig.tight_layout()
-    path = out / "latency_over_time.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "latency_over_time.png")
 
 
 def cost_vs_latency(out: Path, title: str = "") -> Path:
@@ -67,11 +67,7 @@ def cost_vs_latency(out: Path, title: str = "") -> Path:
     ax.set_xlabel("P99 latency (s)")
     ax.set_ylabel("USD per 1k output tokens")
     ax.set_title(title or "cost vs latency")
-    fig.tight_layout()
-    path = out / "cost_vs_latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "cost_vs_latency.png")
 
 
 def ablation_bars(out: Path, title: str = "") -> Path:
@@ -85,11 +81,7 @@ def ablation_bars(out: Path, title: str = "") -> Path:
     ax.set_ylabel("latency (s)")
     ax.set_title(title or "ablation")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "ablation.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "ablation.png")
 
 
 FIGURES = {"latency": latency_percentiles, "timeline": latency_over_time, "cost": cost_vs_latency,
