@@ -63,7 +63,17 @@ void rotary_embedding_cpu(at::Tensor& query, at::Tensor& key, const at::Tensor& 
 void bias_act_cpu(at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                   const std::string& activation);
 
+// y = x @ weight^T (+ bias): x [..., K], weight [N, K], bias [N] or None -> y [..., N], contiguous.
+// For decode batches (x with at most 8 rows of K): on CUDA a memory-bound tensor-core kernel
+// (fp16/bf16, compute capability >= 8.0, K % 8 == 0) that reads weight once, else a library GEMM;
+// on the CPU always a library GEMM. split_k > 0 forces the CTAs per row tile along K (tests,
+// benchmarks); 0 picks it from the shape.
+at::Tensor skinny_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           int64_t split_k);
+
 #ifdef SPOTSERVE_WITH_CUDA
+at::Tensor skinny_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            int64_t split_k);
 void reslice_copy_cuda(at::Tensor& dst, const at::Tensor& src, int64_t dim, int64_t src_start,
                        int64_t dst_start, int64_t length);
 void fused_add_rms_norm_cuda(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);
@@ -93,6 +103,8 @@ void check_write_kv_cache_args(const at::Tensor& key, const at::Tensor& value, c
                                const at::Tensor& v_cache, const at::Tensor& slot_mapping);
 void check_rotary_args(const at::Tensor& query, const at::Tensor& key, const at::Tensor& positions,
                        const at::Tensor& cos_sin_cache, int64_t rotary_dim);
+void check_skinny_gemm_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            int64_t split_k);
 // Returns the activation's code (kern::Act numbering: 0 none, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu, 5 swiglu).
 int check_bias_act_args(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                         const std::string& activation);

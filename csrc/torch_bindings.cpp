@@ -11,6 +11,7 @@ TORCH_LIBRARY(spotserve, m) {
   m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor cos_sin_cache, int rotary_dim) -> ()");
   m.def("bias_act(Tensor(a!) out, Tensor x, Tensor? bias, str activation) -> ()");
+  m.def("skinny_gemm(Tensor x, Tensor weight, Tensor? bias=None, int split_k=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spotserve, CPU, m) {
@@ -21,6 +22,7 @@ TORCH_LIBRARY_IMPL(spotserve, CPU, m) {
   m.impl("write_kv_cache", &spotserve::write_kv_cache_cpu);
   m.impl("rotary_embedding", &spotserve::rotary_embedding_cpu);
   m.impl("bias_act", &spotserve::bias_act_cpu);
+  m.impl("skinny_gemm", &spotserve::skinny_gemm_cpu);
 }
 
 #ifdef SPOTSERVE_WITH_CUDA
@@ -32,5 +34,6 @@ TORCH_LIBRARY_IMPL(spotserve, CUDA, m) {
   m.impl("write_kv_cache", &spotserve::write_kv_cache_cuda);
   m.impl("rotary_embedding", &spotserve::rotary_embedding_cuda);
   m.impl("bias_act", &spotserve::bias_act_cuda);
+  m.impl("skinny_gemm", &spotserve::skinny_gemm_cuda);
 }
 #endif

@@ -8,7 +8,10 @@ memory floor, KV bytes / copy bandwidth. Every contender is timed as CUDA-graph 
 back-to-back calls over enough distinct buffers that the working set exceeds the L2 cache
 (except where noted "small": decode-sized inputs that a real step would find in L2 anyway).
 
-Usage: python scripts/bench_kernels.py [--json PATH] [--quick]
+The OPT-6.7B linear layers (qkv, out, fc1, fc2 weights) at decode batches M = 1, 2, 4, 8 run
+ops.skinny_gemm against cuBLAS (F.linear), with bytes = weight + activations read once.
+
+Usage: python scripts/bench_kernels.py [--json PATH] [--quick] [--sections attention,gemm,elementwise]
 """
 from __future__ import annotations
 
@@ -78,8 +81,11 @@ def bench_decode_attention(bw: float, batches, context: int = 512, heads: int = 
         num_blocks = batch * blocks_per_seq
         k_caches = [torch.randn(num_blocks, block_size, heads, dim, generator=g).to(H16).to(DEV) for _ in range(layers)]
         v_caches = [torch.randn(num_blocks, block_size, heads, dim, generator=g).to(H16).to(DEV) for _ in range(layers)]
-        tables = [torch.randperm(num_blocks, generator=g).int().view(batch, blocks_per_seq).to(DEV)
-                  for _ in range(layers)]  # fragmented: every sequence's blocks scattered over the pool
+        # Fragmented: every sequence's blocks scattered over the pool; twice as wide as needed (the
+        # unused half, block 0, is never read) so the same tables serve a launch for 2x the context.
+        tables = [torch.cat([torch.randperm(num_blocks, generator=g).int().view(batch, blocks_per_seq),
+                             torch.zeros(batch, blocks_per_seq, dtype=torch.int32)], dim=1).to(DEV)
+                  for _ in range(layers)]
         lens = torch.full((batch,), context, dtype=torch.int32, device=DEV)
         qs = [torch.randn(batch, heads, dim, generator=g).to(H16).to(DEV) for _ in range(layers)]
         out = torch.empty(batch, heads, dim, dtype=H16, device=DEV)
@@ -91,9 +97,9 @@ def bench_decode_attention(bw: float, batches, context: int = 512, heads: int = 
         k_dense = [dense(k_caches[i], tables[i]) for i in range(layers)]
         v_dense = [dense(v_caches[i], tables[i]) for i in range(layers)]
 
-        def ours(partition):
+        def ours(partition, planned=context):
             return lambda i: ops.paged_decode_attention(out, qs[i], k_caches[i], v_caches[i], tables[i], lens,
-                                                        context, scale, partition)
+                                                        planned, scale, partition)
 
         def sdpa(i):  # output from the graph's pool: no extra copy kernel is timed
             return F.scaled_dot_product_attention(qs[i].unsqueeze(2), k_dense[i], v_dense[i], scale=scale)
@@ -109,7 +115,10 @@ def bench_decode_attention(bw: float, batches, context: int = 512, heads: int = 
         err = float((out.float() - ref).norm() / ref.norm())
         floor_us = kv_bytes / (bw * 1e9) * 1e6
         t_sdpa = time_graph(sdpa, layers) * 1e3
-        contenders = [("spotserve auto", ours(0)), ("spotserve auto, no cluster", no_cluster)]
+        # "bucket": launched for twice the context, as a CUDA graph captured for the next power of
+        # two runs a 513..1024-token decode step.
+        contenders = [("spotserve auto", ours(0)), ("spotserve auto, bucket 2x", ours(0, 2 * context)),
+                      ("spotserve auto, no cluster", no_cluster)]
         contenders += [(f"spotserve p={p}", ours(p)) for p in (32, 64, 128, 256, 512)]
         for name, fn in contenders + [("torch sdpa (contiguous)", sdpa)]:
             t = t_sdpa if fn is sdpa else time_graph(fn, layers) * 1e3
@@ -118,6 +127,45 @@ def bench_decode_attention(bw: float, batches, context: int = 512, heads: int = 
                          "GBps": kv_bytes / (t * 1e-6) / 1e9, "floor_us": floor_us, "x_floor": t / floor_us,
                          "speedup_vs_sdpa": t_sdpa / t, "rel_err_vs_sdpa": err})
         del k_caches, v_caches, k_dense, v_dense
+        torch.cuda.empty_cache()
+    return rows
+
+
+# OPT-6.7B linear layers (N x K of the weight) as one decode step runs them.
+GEMM_SHAPES = (("qkv", 12288, 4096), ("out", 4096, 4096), ("fc1", 16384, 4096), ("fc2", 4096, 16384))
+
+
+def bench_skinny_gemm(bw: float, rows_m=(1, 2, 4, 8), splits=(1, 2, 4)) -> list[dict]:
+    """ops.skinny_gemm vs cuBLAS (F.linear) for the OPT-6.7B weights at decode batch sizes.
+
+    Bytes = weight + x + y + bias, i.e. each read once; the weight dominates. Forced split_k
+    variants show what the planner's choice costs at the smallest and largest batch.
+    """
+    rows = []
+    g = torch.Generator(device=DEV).manual_seed(2)
+    for name, n, k in GEMM_SHAPES:
+        w_bytes = n * k * 2
+        sets = sets_for(w_bytes)  # distinct weights: every call streams its weight from HBM
+        ws = [(torch.randn(n, k, generator=g, device=DEV) * k**-0.5).to(H16) for _ in range(sets)]
+        bias = torch.randn(n, generator=g, device=DEV).to(H16)
+        for m in rows_m:
+            xs = [torch.randn(m, k, generator=g, device=DEV).to(H16) for _ in range(sets)]
+            nbytes = w_bytes + m * k * 2 + m * n * 2 + n * 2
+            want = F.linear(xs[0].float(), ws[0].float(), bias.float())
+            contenders = [("cuBLAS (F.linear)", None), ("spotserve auto", 0)]
+            if m in (rows_m[0], rows_m[-1]):
+                contenders += [(f"spotserve split={s}", s) for s in splits]
+            for contender, split in contenders:
+                if split is None:
+                    fn = lambda i: F.linear(xs[i], ws[i], bias)  # noqa: E731
+                else:
+                    fn = lambda i, split=split: ops.skinny_gemm(xs[i], ws[i], bias, split)  # noqa: E731
+                got = fn(0).float()
+                err = float((got - want).norm() / want.norm())
+                row = _row("linear", f"{name} {n}x{k}", contender, time_graph(fn, sets), nbytes, bw)
+                row.update(m=m, n=n, k=k, rel_err=err)
+                rows.append(row)
+        del ws
         torch.cuda.empty_cache()
     return rows
 
@@ -206,24 +254,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the figures to this JSON file")
     ap.add_argument("--quick", action="store_true", help="decode attention at batch 1 only, small shapes only")
+    ap.add_argument("--sections", default="attention,gemm,elementwise",
+                    help="comma-separated subset of attention, gemm, elementwise (default: all)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"attention", "gemm", "elementwise"}
+    if unknown:
+        raise SystemExit(f"bench_kernels: unknown --sections {sorted(unknown)}")
     if not torch.cuda.is_available() or not ops.WITH_CUDA:
         raise SystemExit("bench_kernels: needs a CUDA GPU and spotserve._C built with CUDA (SPOTSERVE_CUDA=1)")
     torch.manual_seed(0)
     bw_start = copy_bandwidth()
-    attn = bench_decode_attention(bw_start, (1,) if args.quick else (1, 8, 32))
-    elem = bench_elementwise(bw_start, args.quick)
+    attn = bench_decode_attention(bw_start, (1,) if args.quick else (1, 8, 32)) if "attention" in sections else []
+    gemm = bench_skinny_gemm(bw_start, (1, 8) if args.quick else (1, 2, 4, 8)) if "gemm" in sections else []
+    elem = bench_elementwise(bw_start, args.quick) if "elementwise" in sections else []
     bw_end = copy_bandwidth()
     bw = max(bw_start, bw_end)  # the higher rate gives the stricter floor
     for r in attn:
         r["floor_us"] = r["kv_bytes"] / (bw * 1e9) * 1e6
         r["x_floor"] = r["us"] / r["floor_us"]
-    for r in elem:
+    for r in elem + gemm:
         r["frac_copy_bw"] = r["GBps"] / bw
     props = torch.cuda.get_device_properties(0)
     result = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
               "copy_GBps": bw, "copy_GBps_at_start": bw_start, "copy_GBps_at_end": bw_end,
-              "decode_attention": attn, "kernels": elem}
+              "decode_attention": attn, "skinny_gemm": gemm, "kernels": elem}
     print(f"device {props.name}, torch {torch.__version__}, copy bandwidth {bw:.0f} GB/s (read + write; "
           f"{bw_start:.0f} at the start, {bw_end:.0f} at the end)\n")
     print(f"{'decode attention (32x128 fp16, ctx 512)':<42}{'batch':>6}{'us':>9}{'GB/s':>8}{'x floor':>9}"
@@ -231,6 +286,13 @@ def main() -> None:
     for r in attn:
         print(f"{r['contender']:<42}{r['batch']:>6}{r['us']:>9.2f}{r['GBps']:>8.0f}{r['x_floor']:>9.2f}"
               f"{r['speedup_vs_sdpa']:>8.2f}x{r['rel_err_vs_sdpa']:>9.1e}")
+    if gemm:
+        print(f"\n{'linear (fp16, y = x W^T + b)':<26}{'M':>3}  {'contender':<20}{'us':>9}{'GB/s':>8}{'of copy':>9}"
+              f"{'vs cuBLAS':>11}{'err':>9}")
+        base = {(r["shape"], r["m"]): r["us"] for r in gemm if r["contender"].startswith("cuBLAS")}
+        for r in gemm:
+            print(f"{r['shape']:<26}{r['m']:>3}  {r['contender']:<20}{r['us']:>9.2f}{r['GBps']:>8.0f}"
+                  f"{r['frac_copy_bw']:>8.0%}{base[(r['shape'], r['m'])] / r['us']:>10.2f}x{r['rel_err']:>9.1e}")
     print(f"\n{'kernel':<22}{'shape':<26}{'contender':<17}{'us':>9}{'GB/s':>8}{'of copy':>9}")
     for r in elem:
         print(f"{r['kernel']:<22}{r['shape']:<26}{r['contender']:<17}{r['us']:>9.2f}{r['GBps']:>8.0f}"

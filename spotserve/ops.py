@@ -63,6 +63,11 @@ def _bias_act_fake(out, x, bias, activation):
     return None
 
 
+@torch.library.register_fake("spotserve::skinny_gemm")
+def _skinny_gemm_fake(x, weight, bias=None, split_k=0):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def reslice_copy(dst: torch.Tensor, src: torch.Tensor, dim: int, src_start: int, dst_start: int, length: int) -> None:
     """Copy `src[..., src_start:src_start+length, ...]` (along `dim`) into the same-sized range of `dst`.
 
@@ -220,3 +225,26 @@ def bias_act_ref(out, x, bias, activation) -> None:
     else:
         raise ValueError(f"bias_act_ref: unknown activation {activation!r}")
     out.copy_(y.to(out.dtype))
+
+
+SKINNY_MAX_ROWS = 8  # rows of x the CUDA skinny GEMM kernel takes (decode batches); more: cuBLAS
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, split_k: int = 0) -> torch.Tensor:
+    """y = x @ weight.T (+ bias), the F.linear of a decode batch: x [..., K], weight [N, K], bias [N] -> [..., N].
+
+    On CUDA with fp16/bf16, at most SKINNY_MAX_ROWS rows of x and K % 8 == 0, a memory-bound
+    tensor-core kernel reads each weight element once for all rows (float32 accumulation, no
+    split-K pass); any other input goes to the library GEMM, so the result is always defined.
+    Returns a new contiguous tensor (allocated by torch: CUDA-graph capturable). split_k > 0
+    forces the CTAs that share a row tile's K range (tests, benchmarks). Raises ValueError on
+    mismatched shapes, dtypes or devices.
+    """
+    return torch.ops.spotserve.skinny_gemm(x, weight, bias, split_k)
+
+
+def skinny_gemm_ref(x, weight, bias=None, split_k=0) -> torch.Tensor:
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

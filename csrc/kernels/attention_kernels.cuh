@@ -1,13 +1,16 @@
 // Split-K ("flash-decoding") attention of one query token per sequence over the paged KV cache.
 //
-// Grid: (split, kv_head * head_tiles + tile, seq). A CTA of kThreads threads streams the tokens
-// [split * partition, ...) of one sequence for one kv head, and serves the `G` query heads of
+// Grid: (split, kv_head * head_tiles + tile, seq). A CTA of kAttnThreads threads streams one
+// partition of the tokens of one sequence for one kv head, and serves the `G` query heads of
 // that kv head's group that fall in its tile, so each K/V row is read from memory once for the
 // whole group. Inside the CTA, groups of TPT threads own one token at a time: each thread holds
 // NV 16-byte vectors of the token's K and V rows, so a group reads a row with coalesced 16-byte
-// loads, and U tokens are loaded before any is used, to keep loads in flight. Each thread group
-// keeps an online softmax (running max, sum, weighted V) in registers; the groups are merged in
-// shared memory at the end. With one split the CTA writes the normalised output; otherwise it
+// loads, and U tokens are loaded before any is used, to keep loads in flight (OPT's 128-dim
+// heads: 128 tokens, 64 KB per CTA per loop trip, so a decode-sized partition is one trip).
+// The sequence's block-table row is staged in shared memory while the query and context length
+// load, so the K/V loads wait on one memory round trip, not one per loop trip. Each thread group
+// keeps an online softmax (running max, sum, weighted V) in registers, updated once per trip for
+// its U tokens; the groups are merged in shared memory at the end. With one split the CTA writes the normalised output; otherwise it
 // either merges the partials of its thread-block cluster through distributed shared memory
 // (Hopper; kCluster, up to 8 splits: no second kernel, no partials in device memory) or writes
 // its partial (max, sum, unnormalised output) for reduce_splits_kernel to merge.
@@ -21,7 +24,8 @@
 namespace spotserve {
 namespace kern {
 
-constexpr int kAttnThreads = 128;
+constexpr int kAttnThreads = 256;
+constexpr int kAttnTableSlots = kAttnThreads;  // block-table entries staged in shared memory
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int D>
@@ -33,12 +37,34 @@ struct AttnShape {
   static constexpr int kNV = kNVec / kTPT;        // vectors per thread
   static constexpr int kE = kNV * 8;              // elements per thread per head
   static constexpr int kGroups = kAttnThreads / kTPT;
-  static constexpr int kU = kNV == 1 ? 4 : 2;     // tokens loaded per group before use
+  // Tokens loaded per group before use: ~128 tokens per CTA per trip, at most 16 vectors (64
+  // registers) of K and V per thread, at least 2 for some overlap.
+  static constexpr int kUWant = (128 / kGroups) < (8 / kNV) ? (128 / kGroups) : (8 / kNV);
+  static constexpr int kU = kUWant > 2 ? kUWant : 2;
   static constexpr int kTokensPerIter = kGroups * kU;
   static constexpr int kMaxGroupTile = (32 / kE) >= 4 ? 4 : (32 / kE) >= 2 ? 2 : 1;
 };
 
 __device__ __forceinline__ uint4 load_nc(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// Tokens [start, end) of `split` for a sequence of ctx cached tokens (start >= end: nothing).
+__device__ __forceinline__ void split_range(const DecodeAttnParams& p, int ctx, int split, int& start, int& end) {
+  if (p.dynamic) {
+    const int part = (ctx + p.num_splits - 1) / p.num_splits;
+    start = split * part;
+    end = min(ctx, start + part);
+  } else {  // the last split also takes whatever lies past the planned context
+    start = split * p.partition;
+    end = (split == p.num_splits - 1) ? ctx : min(ctx, start + p.partition);
+  }
+}
+
+// Splits of a sequence of ctx tokens that hold any token (the others have nothing to merge).
+__device__ __forceinline__ int live_splits(const DecodeAttnParams& p, int ctx) {
+  if (ctx <= 0) return 0;
+  const int part = p.dynamic ? (ctx + p.num_splits - 1) / p.num_splits : p.partition;
+  return min(p.num_splits, (ctx + part - 1) / part);
+}
 
 template <typename T, int D, int G, bool kCluster>
 __global__ void __launch_bounds__(kAttnThreads) paged_decode_attention_kernel(const DecodeAttnParams p) {
@@ -47,21 +73,27 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_attention_kernel(co
   __shared__ float s_acc[NG][G][D];
   __shared__ float s_m[NG][G];
   __shared__ float s_l[NG][G];
+  __shared__ int s_blocks[kAttnTableSlots];
 
   const int split = blockIdx.x;
   const int kvh = blockIdx.y / p.head_tiles;
   const int tile = blockIdx.y % p.head_tiles;
   const int seq = blockIdx.z;
+  const int tid = threadIdx.x, grp = tid / TPT, lane = tid % TPT;
+  // Stage the block-table row before the context length is known (entries past the sequence are
+  // loaded but never used): its load overlaps those of ctx and the query.
+  const int32_t* __restrict__ bt = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+  const int staged = min(p.max_blocks_per_seq, kAttnTableSlots);
+  if (tid < staged) s_blocks[tid] = bt[tid];
   const int ctx = p.context_lens[seq];
-  const int start = split * p.partition;
+  int start, end;
+  split_range(p, ctx, split, start, end);
   // Nothing here; the reduction reads only live splits (a cluster member must still take part).
   if (!kCluster && split > 0 && start >= ctx) return;
-  const int end = (split == p.num_splits - 1) ? ctx : min(ctx, start + p.partition);
   const int group_size = p.num_heads / p.kv_heads;
   const int head0 = kvh * group_size + tile * G;
   const int nh = min(G, group_size - tile * G);
 
-  const int tid = threadIdx.x, grp = tid / TPT, lane = tid % TPT;
   const T* __restrict__ qbase = static_cast<const T*>(p.query) + seq * p.q_seq_stride;
 
   // Query slice of this thread, pre-scaled so that scores come out in log2 units.
@@ -91,10 +123,10 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_attention_kernel(co
     for (int e = 0; e < E; ++e) acc[j][e] = 0.f;
   }
 
-  const int32_t* __restrict__ bt = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
   const int64_t tok_stride = static_cast<int64_t>(p.kv_heads) * D;
   const T* __restrict__ kc = static_cast<const T*>(p.k_cache) + kvh * D;
   const T* __restrict__ vc = static_cast<const T*>(p.v_cache) + kvh * D;
+  __syncthreads();  // s_blocks is staged
 
   // Every thread runs the same number of iterations, so the group shuffles never diverge.
   for (int it = start; it < end; it += S::kTokensPerIter) {
@@ -105,7 +137,9 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_attention_kernel(co
       const int t = it + u * NG + grp;
       valid[u] = t < end;
       if (valid[u]) {
-        const int64_t row = (static_cast<int64_t>(bt[t / p.block_size]) * p.block_size + t % p.block_size) * tok_stride;
+        const int b = t / p.block_size;
+        const int block = b < staged ? s_blocks[b] : bt[b];
+        const int64_t row = (static_cast<int64_t>(block) * p.block_size + t % p.block_size) * tok_stride;
 #pragma unroll
         for (int i = 0; i < NV; ++i) {
           kw[u][i] = load_nc(kc + row + (lane + i * TPT) * 8);
@@ -116,14 +150,13 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_attention_kernel(co
         for (int i = 0; i < NV; ++i) kw[u][i] = vw[u][i] = make_uint4(0, 0, 0, 0);
       }
     }
+    // Scores of the U tokens (log2 units; -inf for a token past the partition).
+    float sc[U][G];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float kf[E], vf[E];
+      float kf[E];
 #pragma unroll
-      for (int i = 0; i < NV; ++i) {
-        unpack<T>(kw[u][i], kf + i * 8);
-        unpack<T>(vw[u][i], vf + i * 8);
-      }
+      for (int i = 0; i < NV; ++i) unpack<T>(kw[u][i], kf + i * 8);
 #pragma unroll
       for (int j = 0; j < G; ++j) {
         float s = 0.f;
@@ -131,15 +164,33 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_attention_kernel(co
         for (int e = 0; e < E; ++e) s = fmaf(q[j][e], kf[e], s);
 #pragma unroll
         for (int off = TPT / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (valid[u]) {
-          const float m_new = fmaxf(m[j], s);
-          const float corr = exp2f(m[j] - m_new);  // 0 when m[j] was -inf
-          const float pr = exp2f(s - m_new);
-          l[j] = l[j] * corr + pr;
+        sc[u][j] = valid[u] ? s : -INFINITY;
+      }
+    }
+    // One rescale per trip: new running max over the trip's tokens, then their weights.
 #pragma unroll
-          for (int e = 0; e < E; ++e) acc[j][e] = fmaf(acc[j][e], corr, pr * vf[e]);
-          m[j] = m_new;
-        }
+    for (int j = 0; j < G; ++j) {
+      float m_new = m[j];
+#pragma unroll
+      for (int u = 0; u < U; ++u) m_new = fmaxf(m_new, sc[u][j]);
+      const float corr = m_new == -INFINITY ? 1.f : exp2f(m[j] - m_new);  // 0 when m[j] was -inf
+      l[j] *= corr;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[j][e] *= corr;
+      m[j] = m_new;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!valid[u]) continue;  // no shuffles below: groups may diverge
+      float vf[E];
+#pragma unroll
+      for (int i = 0; i < NV; ++i) unpack<T>(vw[u][i], vf + i * 8);
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const float pr = exp2f(sc[u][j] - m[j]);
+        l[j] += pr;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[j][e] = fmaf(pr, vf[e], acc[j][e]);
       }
     }
   }
@@ -225,8 +276,7 @@ __global__ void __launch_bounds__(kAttnThreads) paged_decode_attention_kernel(co
 template <typename T>
 __global__ void reduce_splits_kernel(const DecodeAttnParams p) {
   const int head = blockIdx.x, seq = blockIdx.y;
-  const int ctx = p.context_lens[seq];
-  const int live = ctx <= 0 ? 0 : min(p.num_splits, (ctx + p.partition - 1) / p.partition);
+  const int live = live_splits(p, p.context_lens[seq]);
   const int64_t sh = static_cast<int64_t>(seq) * p.num_heads + head;
   const float* ml = p.part_ml + sh * p.num_splits * 2;
   float mx = -INFINITY;

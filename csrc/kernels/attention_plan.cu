@@ -59,27 +59,25 @@ cudaError_t plan_decode_attention(DecodeAttnParams& p, int max_context_len, int 
   while (tile < group && tile < max_group_tile(p.head_dim)) tile <<= 1;
   p.group_tile = tile;
   p.head_tiles = (group + tile - 1) / tile;
-  const int tpt = tpt_for(p.head_dim);
-  const int nv = p.head_dim / 8 / tpt;
-  // Tokens one CTA covers per loop iteration: a partition is a whole number of them.
-  const int step = (128 / tpt) * (nv == 1 ? 4 : 2);
   const int ctx = std::max(1, max_context_len);
   const DeviceInfo dev = device_info();
   int part;
   if (partition_size > 0) {
     part = partition_size;
+    p.dynamic = 0;
   } else {
     // About four CTAs per multiprocessor: enough loads in flight to stream at full bandwidth;
     // more splits only add merge work (measured on an H100: batch 32 x 512 tokens runs fastest
-    // unsplit, batch 1 wants 8-16 splits).
+    // unsplit, batch 1 wants 8-16 splits). At least 16 tokens per split.
     const long base = static_cast<long>(p.num_seqs) * p.kv_heads * p.head_tiles;
     const long target = 4L * dev.sms;
     int want = static_cast<int>(std::max(1L, (target + base - 1) / base));
+    want = std::min(want, std::max(1, ctx / 16));
     // Up to kMaxCluster splits merge inside a cluster, with no second kernel; prefer that
     // unless it would leave each CTA a very long partition.
     if (dev.clusters && want > kMaxCluster && (ctx + kMaxCluster - 1) / kMaxCluster <= 512) want = kMaxCluster;
     part = (ctx + want - 1) / want;
-    part = ((part + step - 1) / step) * step;
+    p.dynamic = 1;  // the device re-divides each sequence's actual context among the splits
   }
   p.partition = part;
   p.num_splits = std::max(1, (ctx + part - 1) / part);

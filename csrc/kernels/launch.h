@@ -25,12 +25,17 @@ struct DecodeAttnParams {
   int num_splits, partition, head_tiles, group_tile;
   int cluster;               // > 1: the splits of a (seq, kv head) form one thread-block cluster
                              // and merge in distributed shared memory (no part_* buffers)
+  int dynamic;               // 1: each sequence's context is cut into num_splits equal partitions
+                             // on the device (from context_lens); 0: fixed `partition` tokens each
   float scale;
 };
 
 // Chooses the split-K plan for a launch: how many partitions of how many tokens each, so that
-// the grid fills the device even at batch 1. partition_size > 0 forces that partition length.
-// Fills num_splits, partition, head_tiles, group_tile, cluster of `p` from its shape fields.
+// the grid fills the device even at batch 1. partition_size > 0 forces that partition length;
+// otherwise the number of splits comes from max_context_len and each sequence's actual context
+// is divided evenly among them on the device (dynamic), so a launch planned for a context bucket
+// (CUDA graphs) still gives every split an equal share of a shorter context.
+// Fills num_splits, partition, head_tiles, group_tile, cluster, dynamic of `p` from its shape fields.
 // Clusters are used on compute capability >= 9.0 for 2..8 splits unless the environment sets
 // SPOTSERVE_ATTN_CLUSTER=0.
 cudaError_t plan_decode_attention(DecodeAttnParams& p, int max_context_len, int partition_size);
@@ -59,6 +64,25 @@ enum class Act : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4
 // `cols` is out's row length; x's row length is cols (2 * cols for kSwiGLU); bias may be null.
 cudaError_t launch_bias_act(DType dt, Act act, void* out, const void* x, const void* bias, int64_t rows,
                             int64_t cols, cudaStream_t stream);
+
+// ---- skinny GEMM (decode batches): y[m, n] = x[m, :] . w[n, :] (+ bias[n]), fp16/bf16 ----
+constexpr int kSkinnyMaxM = 8;
+struct SkinnyGemmParams {
+  void* y;            // [m, n], contiguous
+  const void* x;      // [m, k], rows ldx elements apart, 16-byte aligned rows
+  const void* w;      // [n, k], contiguous, 16-byte aligned
+  const void* bias;   // [n] or nullptr
+  int64_t ldx;
+  int m, n, k;        // 1 <= m <= kSkinnyMaxM, k % 8 == 0
+  int split;          // CTAs along k per row tile (a thread-block cluster when > 1); set by the planner
+};
+// Whether the tensor-core kernel runs here for this shape (compute capability >= 8.0, m in
+// [1, kSkinnyMaxM], k a positive multiple of 8); otherwise callers use a library GEMM.
+bool skinny_gemm_supported(int m, int64_t k);
+// Fills p.split: `split` > 0 forces it (clamped to [1, 8] and to 1 without clusters, i.e. before
+// compute capability 9.0); 0 picks it from the shape and the device.
+cudaError_t plan_skinny_gemm(SkinnyGemmParams& p, int split);
+cudaError_t launch_skinny_gemm(DType dt, const SkinnyGemmParams& p, cudaStream_t stream);
 
 }  // namespace kern
 }  // namespace spotserve

@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
+#include <vector>
+
 #include "kernels/launch.h"
 #include "ops.h"
 
@@ -129,6 +132,39 @@ void bias_act_cuda(at::Tensor& out, const at::Tensor& x, const std::optional<at:
                                      x.data_ptr(), bias ? bias->data_ptr() : nullptr, cols ? out.numel() / cols : 0,
                                      cols, c10::cuda::getCurrentCUDAStream()),
                "bias_act");
+}
+
+at::Tensor skinny_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            int64_t split_k) {
+  const char* op = "skinny_gemm";
+  check_skinny_gemm_args(x, weight, bias, split_k);
+  const int64_t k = x.size(-1), n = weight.size(0);
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  const bool fast = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) && m >= 1 &&
+                    m <= kern::kSkinnyMaxM && n >= 1 && n <= INT32_MAX && weight.is_contiguous() &&
+                    aligned(weight.data_ptr()) && (!bias.has_value() || bias->is_contiguous()) &&
+                    kern::skinny_gemm_supported(static_cast<int>(m), k);
+  if (!fast) return at::linear(x, weight, bias).contiguous();  // any other shape: the library GEMM
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  at::Tensor x2 = x.reshape({m, k});
+  if (x2.stride(1) != 1 || (m > 1 && x2.stride(0) % 8 != 0) || !aligned(x2.data_ptr()))
+    x2 = x2.clone(at::MemoryFormat::Contiguous);  // a fresh allocation: 16-byte aligned rows
+  at::Tensor y = at::empty({m, n}, x.options());
+  kern::SkinnyGemmParams p{};
+  p.y = y.data_ptr();
+  p.x = x2.data_ptr();
+  p.w = weight.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.ldx = x2.stride(0);
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  check_launch(kern::plan_skinny_gemm(p, static_cast<int>(split_k)), op);
+  check_launch(kern::launch_skinny_gemm(dtype_of(x, op), p, c10::cuda::getCurrentCUDAStream()), op);
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = n;
+  return y.view(sizes);
 }
 
 }  // namespace spotserve

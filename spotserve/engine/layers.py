@@ -10,8 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spotserve import ops
 from spotserve.models import sharding
 from spotserve.models.spec import ModelSpec
+
+_SKINNY_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); decode-sized CUDA batches go through ops.skinny_gemm.
+
+    x [tokens, in] with at most ops.SKINNY_MAX_ROWS tokens, fp16/bf16 on CUDA: the skinny GEMM
+    kernel, which streams the weight once at near copy bandwidth where cuBLAS's GEMV-shaped
+    kernels leave bandwidth unused and add split-K reduction kernels. Anything else: F.linear.
+    """
+    if (x.is_cuda and ops.WITH_CUDA and x.dtype in _SKINNY_DTYPES and x.dim() == 2
+            and x.shape[0] <= ops.SKINNY_MAX_ROWS):
+        return ops.skinny_gemm(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class LocalComm:
@@ -59,7 +75,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(_checked(spec, weights, prefix + ".bias", comm, 0)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -77,8 +93,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         if reduce and self.comm.size == 1:
-            return F.linear(x, self.weight, self.bias)  # bias in the GEMM's epilogue
-        y = F.linear(x, self.weight)
+            return linear(x, self.weight, self.bias)  # bias in the GEMM's epilogue
+        y = linear(x, self.weight)
         if not reduce:
             return y
         y = self.comm.all_reduce(y)
@@ -117,7 +133,7 @@ class ParallelLMHead(nn.Module):
         self.sizes = [sharding.partition(spec.vocab, comm.size, r) for r in range(comm.size)]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = F.linear(h, self.weight)
+        local = linear(h, self.weight)
         if self.comm.size == 1:
             return local
         # Uneven vocab splits: pad every shard to the largest so the gather has equal sizes.

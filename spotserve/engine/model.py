@@ -23,7 +23,7 @@ from spotserve.engine.attention import attend
 from spotserve.engine.batch import Batch
 from spotserve.engine.kv_cache import KVCache
 from spotserve.engine.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
-                                     VocabParallelEmbedding)
+                                     VocabParallelEmbedding, linear)
 from spotserve.models import hf, sharding
 from spotserve.models.spec import ModelSpec
 
@@ -114,7 +114,7 @@ class QKVProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [t, heads, D], k and v [t, kv_heads, D]: strided views into one [t, (heads + 2 kv_heads) D] output."""
         t, d = x.shape[0], self.head_dim
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         q, k, v = y.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=1)
         return q.view(t, self.heads, d), k.view(t, self.kv_heads, d), v.view(t, self.kv_heads, d)
 
@@ -132,14 +132,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "swiglu":
-            y = F.linear(x, self.weight)
+            y = linear(x, self.weight)
             out = torch.empty(x.shape[0], y.shape[1] // 2, dtype=x.dtype, device=x.device)
             ops.bias_act(out, y, self.bias, "swiglu")
             return out
-        if x.is_cuda and x.shape[0] > 1 and self.bias is not None and self.act in ("relu", "gelu_tanh"):
+        if x.is_cuda and x.shape[0] > ops.SKINNY_MAX_ROWS and self.bias is not None and self.act in ("relu", "gelu_tanh"):
             # Bias and activation in the cuBLASLt epilogue: no extra pass over the [t, ffn] output.
             return torch._addmm_activation(self.bias, x, self.weight.t(), use_gelu=self.act == "gelu_tanh")
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         ops.bias_act(y, y, self.bias, self.act)
         return y
 
@@ -182,7 +182,7 @@ class DecoderLayer(nn.Module):
             # GPT-NeoX: residual + attn(ln1(residual)) + mlp(ln2(residual)), one all-reduce for both.
             mlp_in = self.ln2(residual)
             lone = self.comm.size == 1
-            partial = F.linear(self.attention(h, batch, cache, layer), self.o.weight, self.out_bias if lone else None)
+            partial = linear(self.attention(h, batch, cache, layer), self.o.weight, self.out_bias if lone else None)
             partial = self.down.accumulate(partial, self.mlp(mlp_in))
             return partial if lone else self.comm.all_reduce(partial).add_(self.out_bias)
         h = self.ln2.add_norm(self.o(self.attention(h, batch, cache, layer)), residual)

@@ -53,6 +53,30 @@ def test_paged_decode_attention_cuda_longer_context_than_planned():
     assert rel_err(got, want) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("cluster", ["1", "0"])
+@pytest.mark.parametrize("lens", [[532], [532, 1, 0, 17, 1000, 64, 700, 3]], ids=["b1", "b8"])
+def test_paged_decode_attention_cuda_context_bucket(monkeypatch, cluster, lens):
+    # CUDA graphs launch for a power-of-two context bucket: the splits planned for 1024 tokens
+    # must share each sequence's shorter (or, for a stale bucket, longer) context among them.
+    monkeypatch.setenv("SPOTSERVE_ATTN_CLUSTER", cluster)
+    q, kc, vc, bt, ctx, _ = paged_case(lens, 32, 32, 128, 16, torch.float16, device=CUDA, seed=len(lens))
+    # The graph's table is as wide as the bucket; its extra entries hold ids past the pool.
+    bt = torch.cat([bt, torch.full((len(lens), 64 - bt.shape[1]), kc.shape[0] + 5, dtype=torch.int32,
+                                   device=CUDA)], dim=1)
+    for bucket in (1024, 512):
+        got, want = _attention_pair((q, kc, vc, bt, ctx, bucket), 128**-0.5)
+        assert torch.all(got[[i for i, n in enumerate(lens) if n == 0]] == 0)
+        assert rel_err(got, want) < TOL[torch.float16], f"bucket {bucket}"
+
+
+def test_paged_decode_attention_cuda_wide_block_table():
+    # One token per block: 301 table entries, more than the kernel stages in shared memory.
+    case = paged_case([300, 260, 5], 8, 2, 64, 1, torch.bfloat16, device=CUDA, seed=9)
+    for partition_size in (0, 64):
+        got, want = _attention_pair(case, 0.125, partition_size)
+        assert rel_err(got, want) < TOL[torch.bfloat16], f"partition_size {partition_size}"
+
+
 @pytest.mark.parametrize("batch", [1, 4, 64])  # 8 splits in a cluster, 4 splits, no split
 def test_paged_decode_attention_cuda_graph_replay(batch):
     heads, kv_heads, dim, bs, max_len = 32, 32, 128, 16, 512
