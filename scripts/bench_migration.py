@@ -187,10 +187,11 @@ def bench_executor(args) -> dict:
     print(f"\nexecutor vs raw point-to-point, {res['spec']} ({args.exec_layers} layers, fp16), 2 gloo processes, "
           f"staging {args.staging_mb} MiB, depth {args.depth}")
     print(f"{'scenario':<16} {'MB':>8} {'raw GB/s':>9} {'exec GB/s':>10} {'ratio':>6} {'msgs':>5} {'direct':>6} "
-          f"{'rounds':>6}")
+          f"{'rounds':>6}  host ms of the last run (rank 0)")
     for name, r in res["results"].items():
+        host = " ".join(f"{k[:-2]} {v:.1f}" for k, v in r["host_ms"].items())
         print(f"{name:<16} {r['bytes'] / 1e6:8.1f} {r['raw_GBps']:9.2f} {r['executor_GBps']:10.2f} {r['ratio']:6.2f} "
-              f"{r['messages_sent']:5d} {r['direct_messages']:6d} {r['rounds']:6d}")
+              f"{r['messages_sent']:5d} {r['direct_messages']:6d} {r['rounds']:6d}  {host}")
     return res
 
 

@@ -97,21 +97,13 @@ def main() -> int:
                 data = torch.ones(nb, held[1][1] - held[1][0], 2, held[2][1] - held[2][0], old.block_size,
                                   spec.head_dim, dtype=torch.float16)
                 kv[q.request_id] = RequestKV(q.request_id, q.num_tokens, old.block_size, held[1], held[2], data)
-        # New shards and KV pieces allocated (and touched) once, outside the timing, as a daemon or the
-        # engine's KV cache would hand them out (the raw baseline also receives into a ready buffer).
-        fresh = {n: torch.zeros(box_shape(spec, n, r.dim, r.end - r.start), dtype=torch.float16)
-                 for n, r in new.weight_ranges(spec, me).items()}
-        rep, lay, hd = new.kv_ranges(spec, me) or (None, None, None)
-        for q in reqs:
-            if q.new_replica == rep:
-                nb = -(-q.num_tokens // new.block_size)
-                fresh[f"kv/{q.request_id}"] = torch.zeros(nb, lay[1] - lay[0], 2, hd[1] - hd[0], new.block_size,
-                                                          spec.head_dim, dtype=torch.float16)
+        # New shards, KV pieces and staging made by prepare(allocate=True), outside the timing, as a
+        # daemon or the engine's KV cache would hand them out (the raw baseline also receives into a
+        # ready buffer); the warm-up run touches them.
         ex = MigrationExecutor(spec, me, {g: i for i, g in enumerate(GPUS)}, dtype=torch.float16,
-                               staging_bytes=cfg["staging"], solo_bytes=cfg["solo"], depth=cfg.get("depth", 4),
-                               alloc=lambda n, shape, dt: fresh[n])
+                               staging_bytes=cfg["staging"], solo_bytes=cfg["solo"], depth=cfg.get("depth", 4))
         outcome = {}
-        prep = ex.prepare(old, new, transfers, reqs)  # host work done when the plan arrives, not timed
+        prep = ex.prepare(old, new, transfers, reqs, allocate=True)  # done when the plan arrives, not timed
 
         def migrate():
             outcome["o"] = ex.run(old, new, transfers, weights, kv=kv, requests=reqs, prepared=prep)
@@ -142,8 +134,11 @@ def main() -> int:
             "executor_GBps": total / statistics.median(t_exec) / 1e9, "raw_GBps": total / statistics.median(t_raw) / 1e9,
             "ratio": statistics.median(t_raw) / statistics.median(t_exec), "moves": len(outcome["o"].resolution.moves),
             "messages_sent": st.messages_sent, "direct_messages": st.direct_messages, "rounds": st.rounds,
-            "staging_bytes": st.staging_bytes, "local_bytes": st.local_bytes}
-        del weights, kv, fresh, outcome, ex, send, recv
+            "staging_bytes": st.staging_bytes, "local_bytes": st.local_bytes, "prepare_s": prep.seconds,
+            "prepare_alloc_s": prep.alloc_seconds,
+            "host_ms": {k: getattr(st, k) * 1e3 for k in ("alloc_s", "pack_s", "post_s", "wait_s", "unpack_s",
+                                                          "local_s", "arrive_s", "drain_s")}}
+        del weights, kv, outcome, ex, prep, send, recv
     if world.rank == 0:
         Path(sys.argv[2]).write_text(json.dumps({"spec": spec.name, "config": cfg, "results": results}, indent=2))
     world.close()

@@ -2,35 +2,37 @@
 
 Every worker calls `MigrationExecutor.run` with the same (old layout, new layout, ordered planner
 transfers, KV requests); each resolves them into the same exact moves (resolve.py) and rounds of
-messages (schedule.py), then does its own part in plan order: packs what it sends into a staging
-buffer (or sends a contiguous slice straight from its tensor), posts the round's sends and
-receives at once over torch.distributed point-to-point (gloo on CPU, NCCL on GPU;
-batch_isend_irecv, so NCCL sees one group per round and pairs never deadlock), copies what it
-keeps and reads what no live GPU holds from the checkpoint while the round is in flight, then
-unpacks what it received with the `_C` re-slicing copy. `depth` rounds of at most
-staging_bytes / depth bytes per worker are in flight at a time, so packing and unpacking overlap
-the transfers and staging never exceeds `staging_bytes`. After each unit lands — embeddings,
-a layer's weights, the head, a layer's KV of every continued request — `on_arrival(unit)` runs
-and `Progress.wait(unit)` returns, so an engine can start a layer as soon as it is complete.
+messages (schedule.py), then does its own part in plan order (worker_run.py): a move whose box
+is dense in a tensor is sent from, or received into, that tensor directly; the rest is packed
+into a staging buffer and unpacked with the `_C` re-slicing copy. Each round's sends and
+receives are posted at once over torch.distributed point-to-point (gloo on CPU, NCCL on GPU;
+batch_isend_irecv, so NCCL sees one group per round and pairs never deadlock); keeps and
+checkpoint reads run beside the rounds (on CUDA on a second stream). `depth` rounds of at most
+staging_bytes / depth staged bytes per worker are in flight at a time, so packing and unpacking
+overlap the transfers and staging never exceeds `staging_bytes`. After each unit lands —
+embeddings, a layer's weights, the head, a layer's KV of every continued request —
+`on_arrival(unit)` runs and `Progress.wait(unit)` returns, so an engine can start a layer as
+soon as it is complete. prepare() does the host work (and, asked to, the allocations) of a plan
+ahead of the move; stats say where the move's time went (run_timing.py).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
-from spotserve import ops
-from spotserve.daemon.fallback import Piece, place_piece, read_pieces
-from spotserve.daemon.layout import KVRequest, Layout, box_shape, unit_of
-from spotserve.daemon.resolve import Move, Resolution, resolve
-from spotserve.daemon.schedule import Message, Round, plan_rounds
-from spotserve.engine.kv_reshard import RequestKV, assemble
+from spotserve.daemon.boxes import DenseSides
+from spotserve.daemon.layout import KVRequest, Layout, box_shape
+from spotserve.daemon.resolve import Resolution, resolve
+from spotserve.daemon.run_timing import RunTimer
+from spotserve.daemon.schedule import plan_rounds
+from spotserve.daemon.worker_run import WorkerRun
+from spotserve.engine.kv_reshard import RequestKV
 from spotserve.models.spec import ModelSpec
 from spotserve.planner.types import Transfer
 
@@ -39,9 +41,9 @@ Unit = tuple[str, int]
 
 @dataclass
 class MigrationStats:
-    """What this worker did (bytes are payload bytes)."""
+    """What this worker did (bytes are payload bytes) and where its time went (host seconds)."""
 
-    seconds: float = 0.0  # the move itself
+    seconds: float = 0.0  # the move itself (allocations it had to make included: alloc_s)
     prepare_seconds: float = 0.0  # resolving the plan into moves and rounds (host only)
     sent_bytes: int = 0
     received_bytes: int = 0
@@ -51,13 +53,24 @@ class MigrationStats:
     messages_received: int = 0
     direct_messages: int = 0  # sent or received with no staging copy on this side
     rounds: int = 0  # rounds in which this worker had work
-    staging_bytes: int = 0  # staging memory this worker allocated
+    staging_bytes: int = 0  # staging memory this worker holds
     aliased: int = 0  # tensors kept as they were (same shard before and after)
+    alloc_s: float = 0.0  # new tensors and staging that prepare() had not made
+    pack_s: float = 0.0
+    post_s: float = 0.0
+    wait_s: float = 0.0
+    unpack_s: float = 0.0
+    local_s: float = 0.0
+    arrive_s: float = 0.0
+    drain_s: float = 0.0
+    prepared_alloc_seconds: float = 0.0  # allocations done by prepare(allocate=True), outside the move
+    timing: dict | None = None  # run(profile=True): per-round timeline (run_timing.RunTimer.summary)
 
 
 @dataclass
 class Prepared:
-    """A plan resolved for one worker (MigrationExecutor.prepare): reusable for the same layouts."""
+    """A plan resolved for one worker (MigrationExecutor.prepare): reusable for the same layouts.
+    With allocate=True it also holds the new tensors, handed to every run that uses it."""
 
     old: Layout | None
     new: Layout
@@ -66,6 +79,8 @@ class Prepared:
     rounds: list
     old_bs: int
     seconds: float
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    alloc_seconds: float = 0.0
 
 
 @dataclass
@@ -114,12 +129,16 @@ class MigrationExecutor:
     """One worker's executor. `me` is this worker's GPU id, `ranks` maps GPU ids to torch.distributed
     ranks (of `group`, or the world). `checkpoint`: folder read for slices with no live source.
     `alloc(name, shape, dtype)` gives the new tensors: HF names for weight shards (a daemon-backed
-    allocator keeps them across engine restarts), "kv/<request id>" for received KV pieces."""
+    allocator keeps them across engine restarts), "kv/<request id>" for received KV pieces.
+    solo_bytes: moves at least this large travel as their own message (no staging on a side where
+    they are dense); round_bytes: what a worker sends, and receives, per round (one NCCL group);
+    profile: record the per-round timeline of every run (run(profile=...) overrides)."""
 
     def __init__(self, spec: ModelSpec, me: str, ranks: dict[str, int], *, dtype: torch.dtype = torch.float16,
                  device: str | torch.device = "cpu", staging_bytes: int = 512 << 20, solo_bytes: int | None = None,
                  checkpoint: str | Path | None = None, group=None, depth: int = 4,
-                 alloc: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None):
+                 alloc: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+                 round_bytes: int | None = None, profile: bool = False):
         if depth < 1 or staging_bytes < depth * 4096:
             raise ValueError(f"need depth >= 1 and staging_bytes >= depth * 4 KiB, got {depth}, {staging_bytes}")
         if me not in ranks:
@@ -129,15 +148,32 @@ class MigrationExecutor:
         if self.device.type == "cuda" and self.device.index is None:
             # Tensors always carry an index; "cuda" must compare equal to the one they are on.
             self.device = torch.device("cuda", torch.cuda.current_device())
+        gpu = self.device.type == "cuda"
         # CPU: a staging copy costs about as much as the transfer, so contiguous moves of 1 MiB go
-        # alone; GPU: copies are ~10x faster than NVLink and large messages much faster than small.
+        # alone. GPU: a copy runs at ~3 TB/s against NVLink's ~0.37, but each costs a launch and a
+        # host call per move, and a dense move sent alone costs neither: 2 MiB and up go alone.
         if solo_bytes is None:
-            solo_bytes = (1 << 20) if self.device.type == "cpu" else (256 << 20)
-        self.staging_bytes, self.solo_bytes = staging_bytes, solo_bytes
+            solo_bytes = (2 << 20) if gpu else (1 << 20)
+        # GPU: NCCL p2p runs 310 GB/s at 64 MiB and 368 at 1 GiB (2x H100): rounds of 256 MiB
+        # (direct messages use no staging); CPU: rounds as large as the staging limit.
+        if round_bytes is None:
+            round_bytes = max(256 << 20, staging_bytes // depth) if gpu else staging_bytes // depth
+        if solo_bytes < 1 or round_bytes < 1:
+            raise ValueError(f"solo_bytes and round_bytes must be positive, got {solo_bytes}, {round_bytes}")
+        self.staging_bytes, self.solo_bytes, self.round_bytes = staging_bytes, solo_bytes, round_bytes
         self.checkpoint, self.group = checkpoint, group
         self.alloc = alloc or (lambda name, shape, dt: torch.empty(shape, dtype=dt, device=self.device))
-        self.depth = depth
+        self.depth, self.profile = depth, profile
         self.buffers: list[torch.Tensor | None] = [None] * depth  # staging, kept for the next run
+        self._streams = None
+
+    def streams(self):
+        """(network stream, local stream) on CUDA, made once; None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        return self._streams
 
     def start(self, *args, **kwargs) -> tuple[threading.Thread, Progress, dict]:
         """run() in a background thread; returns (thread, progress, box) where box["outcome"] or
@@ -157,294 +193,93 @@ class MigrationExecutor:
         return thread, progress, box
 
     def prepare(self, old: Layout | None, new: Layout, transfers: list[Transfer], requests: list[KVRequest] = (),
-                live=None) -> "Prepared":
+                live=None, allocate: bool = False) -> Prepared:
         """Resolve the plan into exact moves and rounds: pure host work that depends on the layouts
-        only, so a worker does it when the plan arrives, while it still serves, not inside the move."""
+        only, so a worker does it when the plan arrives, while it still serves, not inside the move.
+        allocate: also make this worker's new tensors (those not kept as they are) and its staging
+        now (Prepared.alloc_seconds), so the move does no cudaMalloc; they take memory from now on."""
         t0 = time.perf_counter()
         elem = torch.empty((), dtype=self.dtype).element_size()
         res = resolve(self.spec, old, new, transfers, requests, elem, live)
         old_bs = old.block_size if old is not None else new.block_size
-        rounds = plan_rounds(res.moves, self.staging_bytes // self.depth, self.solo_bytes, old_bs)
-        return Prepared(old, new, list(requests), res, rounds, old_bs, time.perf_counter() - t0)
+        dense = DenseSides(self.spec, old, new, requests, old_bs)
+        rounds = plan_rounds(res.moves, self.staging_bytes // self.depth, self.solo_bytes, old_bs, dense,
+                             self.round_bytes)
+        prep = Prepared(old, new, list(requests), res, rounds, old_bs, time.perf_counter() - t0)
+        if allocate:
+            t = time.perf_counter()
+            self.ensure_staging(self.staging_of(rounds))
+            old_w = old.weight_ranges(self.spec, self.me) if old is not None else {}
+            for name, r in new.weight_ranges(self.spec, self.me).items():
+                o = old_w.get(name)
+                if o is None or (o.start, o.end) != (r.start, r.end):  # a kept shard is aliased, not copied
+                    prep.tensors[name] = self.alloc(name, box_shape(self.spec, name, r.dim, r.end - r.start),
+                                                    self.dtype)
+            for rid, shape in self.kv_shapes(prep).items():
+                prep.tensors[f"kv/{rid}"] = self.alloc(f"kv/{rid}", shape, self.dtype)
+            prep.alloc_seconds = time.perf_counter() - t
+        return prep
 
+    def kv_shapes(self, prep: Prepared) -> dict[str, tuple[int, ...]]:
+        """Request id -> shape of the KV piece this worker receives ([blocks, layers, 2, heads, old block, D])."""
+        pos = prep.new.position(self.me)
+        if pos is None:
+            return {}
+        rep, layers, heads = prep.new.kv_ranges(self.spec, self.me)
+        out = {}
+        for r in prep.requests:
+            if r.new_replica == rep and r.request_id not in prep.resolution.lost_kv and r.num_tokens > 0:
+                out[r.request_id] = (-(-r.num_tokens // prep.old_bs), layers[1] - layers[0], 2, heads[1] - heads[0],
+                                     prep.old_bs, self.spec.head_dim)
+        return out
+
+    # --- staging -----------------------------------------------------------------------------------
+    def staging_of(self, rounds: list) -> list[int]:
+        """Staged bytes this worker needs per buffer (round k uses buffer k % depth), as scheduled."""
+        need = [0] * self.depth
+        for k, rnd in enumerate(rounds):
+            n = sum(msg.nbytes for msg in rnd.messages if self.me in (msg.src, msg.dst) and msg.staged_on(self.me))
+            need[k % self.depth] = max(need[k % self.depth], n)
+        return need
+
+    def ensure_staging(self, need: list[int]) -> None:
+        for i, n in enumerate(need):
+            self.staging_buffer(i, n)
+
+    def staging_buffer(self, i: int, nbytes: int) -> torch.Tensor | None:
+        """Staging buffer i with at least nbytes (grown when smaller; owned by the network stream)."""
+        buf = self.buffers[i]
+        if nbytes and (buf is None or buf.numel() < nbytes):
+            streams = self.streams()
+            with torch.cuda.stream(streams[0]) if streams else contextlib.nullcontext():
+                self.buffers[i] = buf = None  # free the smaller one first
+                buf = self.buffers[i] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buf
+
+    # --- the move ----------------------------------------------------------------------------------
     def run(self, old: Layout | None, new: Layout, transfers: list[Transfer], weights: dict[str, torch.Tensor],
             kv: dict[str, RequestKV] | None = None, requests: list[KVRequest] = (), live=None,
             on_arrival: Callable[[Unit], None] | None = None, progress: Progress | None = None,
-            prepared: "Prepared | None" = None) -> MigrationOutcome:
+            prepared: Prepared | None = None, profile: bool | None = None) -> MigrationOutcome:
         """Moves this worker's part of the migration from `old` to `new` in plan order.
 
         weights: this worker's old shards (HF name -> tensor) as held in `old`; kv: its KV pieces
         (Engine.export_request) of the requests in `requests`; live: old GPUs still holding their
         context (default all); prepared: the result of prepare() for the same arguments (else it is
-        done here). stats.seconds counts the move only, stats.prepare_seconds the resolution.
-        Raises ValueError for inputs that disagree with the layouts.
+        done here). Returns when every unit has landed on the device. stats.seconds counts the
+        move only, stats.prepare_seconds the resolution, stats.*_s the host steps; profile (default:
+        the executor's) adds stats.timing. Raises ValueError for inputs that disagree with the layouts.
         """
         if prepared is None:
             prepared = self.prepare(old, new, transfers, requests, live)
         t0 = time.perf_counter()
-        run = _Run(self, prepared.old, prepared.new, prepared.resolution, weights, kv or {},
-                   {r.request_id: r for r in prepared.requests}, prepared.old_bs, on_arrival, progress or Progress())
-        run.execute(prepared.rounds)
-        run.stats.seconds = time.perf_counter() - t0
-        run.stats.prepare_seconds = prepared.seconds
-        return MigrationOutcome(run.new_w, run.finish_kv(), prepared.resolution.lost_kv, run.stats,
-                                prepared.resolution)
-
-
-def _contiguous_box(t: torch.Tensor, dim: int, length: int) -> bool:
-    before = 1
-    for d in range(dim):
-        before *= t.shape[d]
-    return t.is_contiguous() and (before == 1 or length == t.shape[dim])
-
-
-class _Run:
-    """State of one run() on one worker."""
-
-    def __init__(self, ex: MigrationExecutor, old: Layout | None, new: Layout, res: Resolution, weights, kv, reqs,
-                 old_bs: int, on_arrival, progress: Progress):
-        self.ex, self.spec, self.me, self.new, self.old_bs = ex, ex.spec, ex.me, new, old_bs
-        # the copy op and point-to-point calls take dense tensors (sliced checkpoint reads may not be)
-        self.weights = {n: t if t.is_contiguous() else t.contiguous() for n, t in weights.items()}
-        self.kv_old, self.reqs = kv, reqs
-        self.on_arrival, self.progress = on_arrival, progress
-        self.stats = MigrationStats()
-        self.reader = None
-        self.old_w = old.weight_ranges(self.spec, self.me) if old is not None else {}
-        self.old_kv = old.kv_ranges(self.spec, self.me) if old is not None else None
-        self.new_w = {}
-        self.aliased: set[str] = set()
-        pos = new.position(self.me)
-        self.pos = pos
-        for name, r in new.weight_ranges(self.spec, self.me).items():
-            o = self.old_w.get(name)
-            if o is not None and (o.start, o.end) == (r.start, r.end) and name in weights:
-                self._check(name, self.weights[name], o)
-                self.new_w[name] = self.weights[name]
-                self.aliased.add(name)
-            else:
-                self.new_w[name] = ex.alloc(name, box_shape(self.spec, name, r.dim, r.end - r.start), ex.dtype)
-        self.stats.aliased = len(self.aliased)
-        self.new_ranges = new.weight_ranges(self.spec, self.me)
-        self.kv_new: dict[str, torch.Tensor] = {}
-        self.units: Counter = Counter()
-        if pos is not None:
-            first = pos.stage == 0
-            for name in self.new_ranges:
-                self.units[unit_of(self.spec, name, first)] += 0
-            rep, layers, heads = new.kv_ranges(self.spec, self.me)
-            for r in reqs.values():
-                if r.new_replica == rep and r.request_id not in res.lost_kv and r.num_tokens > 0:
-                    nb = -(-r.num_tokens // old_bs)
-                    # every element is written by a move (else the request is lost), so no zero fill
-                    self.kv_new[r.request_id] = ex.alloc(f"kv/{r.request_id}", (
-                        nb, layers[1] - layers[0], 2, heads[1] - heads[0], old_bs, self.spec.head_dim), ex.dtype)
-                    for layer in range(*layers):
-                        self.units[("kv", layer)] += 0
-        self.layers_new = new.kv_ranges(self.spec, self.me)[1:] if pos is not None else None
-
-    def _aliased(self, m: Move) -> bool:
-        return m.kind == "w" and m.src == m.dst and m.name in self.aliased
-
-    def _check(self, name: str, t: torch.Tensor, r) -> None:
-        want = box_shape(self.spec, name, r.dim, r.end - r.start)
-        if tuple(t.shape) != want or t.dtype != self.ex.dtype or t.device != self.ex.device:
-            raise ValueError(f"{self.me}: weight {name!r} is {t.dtype}{list(t.shape)} on {t.device}, the old layout "
-                             f"says {self.ex.dtype}{list(want)} on {self.ex.device}")
-
-    # --- progress --------------------------------------------------------------------------------
-    def _landed(self, m: Move) -> None:
-        for unit in m.units():
-            self.units[unit] -= 1
-            if self.units[unit] == 0:
-                self._arrive(unit)
-
-    def _arrive(self, unit: Unit) -> None:
-        if self.ex.device.type == "cuda":
-            torch.cuda.current_stream(self.ex.device).synchronize()  # visible to other streams and the host
-        self.progress.mark(unit)
-        if self.on_arrival is not None:
-            self.on_arrival(unit)
-
-    # --- main loop -------------------------------------------------------------------------------
-    def execute(self, rounds: list[Round]) -> None:
-        for rnd in rounds:  # count the pieces (moves may be split across rounds) that land here
-            for m in [m for msg in rnd.messages if msg.dst == self.me for m in msg.moves] + rnd.local:
-                if m.dst == self.me and not self._aliased(m):
-                    for unit in m.units():
-                        self.units[unit] += 1
-        for unit, n in sorted(self.units.items()):
-            if n == 0:
-                self._arrive(unit)
-        buffers = self.ex.buffers
-        inflight: deque = deque()
-        for k, rnd in enumerate(rounds):
-            posted = self._post(rnd, buffers, k % self.ex.depth)
-            self._local(rnd.local)
-            if posted[0] or posted[1]:
-                self.stats.rounds += 1
-            inflight.append(posted)
-            if len(inflight) == self.ex.depth:
-                self._complete(*inflight.popleft())
-        while inflight:
-            self._complete(*inflight.popleft())
-        if self.reader is not None:
-            self.reader.close()
-
-    def _side_direct(self, msg: Message, sending: bool) -> torch.Tensor | None:
-        """The tensor view a solo message can use with no staging on this side, else None."""
-        m = msg.moves[0]
-        if not msg.solo:
-            return None
-        if m.kind == "kv":
-            if sending:
-                box = self._kv_boxes(self._old_piece(m.name).data, self.old_kv, m)
-            else:
-                box = self._kv_boxes(self.kv_new[m.name], (None, *self.layers_new), m)
-            return box.view(torch.uint8).view(-1) if box.is_contiguous() else None
-        if sending:
-            t, r = self.weights[m.name], self.old_w[m.name]
-        else:
-            t, r = self.new_w[m.name], self.new_ranges[m.name]
-        if not _contiguous_box(t, m.dim, m.end - m.start):
-            return None
-        return t.narrow(m.dim, m.start - r.start, m.end - m.start)
-
-    def _post(self, rnd: Round, buffers: list, parity: int):
-        mine = [(msg, msg.src == self.me) for msg in rnd.messages if self.me in (msg.src, msg.dst)]
-        if not mine:
-            return [], []
-        direct = {id(msg): self._side_direct(msg, sending) for msg, sending in mine}
-        need = sum(msg.nbytes for msg, _ in mine if direct[id(msg)] is None)
-        buf = buffers[parity]
-        if need and (buf is None or buf.numel() < need):
-            buf = buffers[parity] = torch.empty(need, dtype=torch.uint8, device=self.ex.device)
-            self.stats.staging_bytes = sum(b.numel() for b in buffers if b is not None)
-        ops_, recvs, pos = [], [], 0
-        for msg, sending in mine:
-            tensor = direct[id(msg)]
-            if tensor is None:
-                tensor = buf[pos:pos + msg.nbytes]
-                pos += msg.nbytes
-            payload = sum(m.nbytes for m in msg.moves)
-            self.stats.direct_messages += direct[id(msg)] is not None
-            if sending:
-                if direct[id(msg)] is None:
-                    for m, off in zip(msg.moves, msg.offsets):
-                        self._pack(m, tensor[off:off + m.nbytes])
-                ops_.append(dist.P2POp(dist.isend, tensor, self.ex.ranks[msg.dst], self.ex.group))
-                self.stats.sent_bytes += payload
-                self.stats.messages_sent += 1
-            else:
-                ops_.append(dist.P2POp(dist.irecv, tensor, self.ex.ranks[msg.src], self.ex.group))
-                recvs.append((msg, tensor if direct[id(msg)] is None else None))
-                self.stats.received_bytes += payload
-                self.stats.messages_received += 1
-        return dist.batch_isend_irecv(ops_), recvs
-
-    def _complete(self, works, recvs) -> None:
-        for w in works:
-            w.wait()
-        for msg, staged in recvs:
-            for m, off in zip(msg.moves, msg.offsets):
-                if staged is not None:
-                    self._unpack(m, staged[off:off + m.nbytes])
-                self._landed(m)
-
-    # --- copies ----------------------------------------------------------------------------------
-    def _view(self, raw: torch.Tensor, shape) -> torch.Tensor:
-        return raw.view(self.ex.dtype).view(shape)
-
-    def _pack(self, m: Move, raw: torch.Tensor) -> None:
-        if m.kind == "w":
-            src = self.weights.get(m.name)
-            if src is None:
-                raise ValueError(f"{self.me}: the plan sends weight {m.name!r} from here but it is not among its weights")
-            o = self.old_w[m.name]
-            self._check(m.name, src, o)
-            view = self._view(raw, box_shape(self.spec, m.name, m.dim, m.end - m.start))
-            ops.reslice_copy(view, src, m.dim, m.start - o.start, 0, m.end - m.start)
-            return
-        box = self._kv_boxes(self._old_piece(m.name).data, self.old_kv, m)
-        self._view(raw, box.shape).copy_(box)
-
-    def _unpack(self, m: Move, raw: torch.Tensor) -> None:
-        if m.kind == "w":
-            r = self.new_ranges[m.name]
-            view = self._view(raw, box_shape(self.spec, m.name, m.dim, m.end - m.start))
-            ops.reslice_copy(self.new_w[m.name], view, m.dim, 0, m.start - r.start, m.end - m.start)
-            return
-        box = self._kv_boxes(self.kv_new[m.name], (None, *self.layers_new), m)
-        box.copy_(self._view(raw, box.shape))
-
-    def _local(self, moves: list[Move]) -> None:
-        for m in moves:
-            if m.dst != self.me or self._aliased(m):
-                continue
-            if m.src is None:
-                self._read_checkpoint(m)
-                continue
-            if m.kind == "w":
-                o, r = self.old_w[m.name], self.new_ranges[m.name]
-                src = self.weights.get(m.name)
-                if src is None:
-                    raise ValueError(f"{self.me}: weight {m.name!r} of its old position is missing from its weights")
-                self._check(m.name, src, o)
-                ops.reslice_copy(self.new_w[m.name], src, m.dim, m.start - o.start, m.start - r.start, m.end - m.start)
-            else:
-                box = self._kv_boxes(self.kv_new[m.name], (None, *self.layers_new), m)
-                box.copy_(self._kv_boxes(self._old_piece(m.name).data, self.old_kv, m))
-            self.stats.local_bytes += m.nbytes
-            self._landed(m)
-
-    def _read_checkpoint(self, m: Move) -> None:
-        if self.ex.checkpoint is None:
-            raise ValueError(f"{self.me}: {m.name} [{m.start}, {m.end}) has no live source and no checkpoint was given")
-        if self.reader is None:
-            from spotserve.models.loader import CheckpointReader
-
-            self.reader = CheckpointReader(self.ex.checkpoint)
-        piece = Piece(m.name, None if m.replicated else m.dim, m.start, m.end)
-        before = self.reader.bytes_read
-        ((_, data),) = read_pieces(self.reader, [piece])
-        pp, tp = self.new.shape(self.pos.replica)
-        place_piece(self.spec, self.new_w[m.name], m.name, tp, self.pos.shard, piece, data.to(self.ex.device))
-        self.stats.checkpoint_bytes += self.reader.bytes_read - before
-        self._landed(m)
-
-    # --- KV --------------------------------------------------------------------------------------
-    def _old_piece(self, rid: str) -> RequestKV:
-        p = self.kv_old.get(rid)
-        if p is None:
-            raise ValueError(f"{self.me}: the plan reads KV of request {rid!r} here but no piece was given")
-        _, layers, heads = self.old_kv
-        want = self.reqs[rid].num_tokens
-        if (tuple(p.layers), tuple(p.heads), p.block_size, p.num_tokens) != (layers, heads, self.old_bs, want):
-            raise ValueError(f"{self.me}: KV piece of {rid} holds layers {p.layers} heads {p.heads} block size "
-                             f"{p.block_size} for {p.num_tokens} tokens; the old layout says {layers} {heads} "
-                             f"{self.old_bs} and the request {want} tokens")
-        if p.data.dtype != self.ex.dtype or p.data.device != self.ex.device:
-            raise ValueError(f"{self.me}: KV piece of {rid} is {p.data.dtype} on {p.data.device}")
-        return p
-
-    def _kv_boxes(self, data: torch.Tensor, held, m: Move) -> torch.Tensor:
-        """The view of `data` ([blocks, layers, 2, heads, block, D]) holding m's heads at its layers
-        for the whole blocks of positions [t0, t1)."""
-        _, layers, heads = held
-        bs = self.old_bs
-        return data[m.t0 // bs:-(-m.t1 // bs), m.layer - layers[0]:m.layer_end - layers[0], :,
-                    m.start - heads[0]:m.end - heads[0]]
-
-    def finish_kv(self) -> dict[str, RequestKV]:
-        if self.pos is None:
-            return {}
-        pp, tp = self.new.shape(self.pos.replica)
-        layers, heads = self.layers_new
-        out = {}
-        for rid, data in self.kv_new.items():
-            piece = RequestKV(rid, self.reqs[rid].num_tokens, self.old_bs, layers, heads, data)
-            if self.new.block_size != self.old_bs:
-                piece = assemble([piece], self.spec, pp, tp, self.pos.stage, self.pos.shard,
-                                 block_size=self.new.block_size)
-            out[rid] = piece
-        return out
+        stats = MigrationStats(prepare_seconds=prepared.seconds, prepared_alloc_seconds=prepared.alloc_seconds)
+        timer = RunTimer(self.streams(), self.profile if profile is None else profile)
+        run = WorkerRun(self, prepared, weights, kv or {}, on_arrival, progress or Progress(), stats, timer)
+        run.execute()
+        stats.seconds = time.perf_counter() - t0
+        for key, value in timer.host.items():
+            setattr(stats, key, value)
+        if timer.detail:
+            stats.timing = timer.summary()
+        return MigrationOutcome(run.new_w, run.finish_kv(), prepared.resolution.lost_kv, stats, prepared.resolution)
