@@ -8,7 +8,8 @@ receive) drain and pause; an unchanged replica (replicas.unchanged_replicas) kee
 throughout, when the backend supports it (Backend.keeps_unchanged_replicas) and for spotserve and
 its ablations (the reparallelization baseline restarts everything by definition). A resumable KV
 cache is resumed only on the replica that holds it. Changes at the same instant are planned once;
-a change that arrives while migrating is planned right after. Rerouting's replica bookkeeping
+a change that arrives while migrating is planned right after. `reconfigure` forces the next
+plan's config (operators, benchmarks); the migration is the same. Rerouting's replica bookkeeping
 lives in rerouting.py.
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Controller(ReroutingMixin, BackendEvents):
         self._replan_due: tuple[list[str], bool] | None = None
         self._batch_seq = 0
         self._fixed_shape: ParallelConfig | None = None  # rerouting / no-optimizer
+        self._forced: ParallelConfig | None = None  # reconfigure(): the config the next plan takes
         self._ever_served = False
         self.reconfigurations = 0
         self.stall_s = 0.0
@@ -142,6 +144,41 @@ class Controller(ReroutingMixin, BackendEvents):
         ds = [i.deadline for i in self.instances.noticed() if used & set(self._gpu_ids(i))]
         return min(ds) if ds else None
 
+    def reconfigure(self, config: ParallelConfig, reason: str = "manual") -> bool:
+        """Move to `config` now (an operator's or a benchmark's choice) through the usual migration.
+
+        The next plan takes exactly `config`: its replica shape on dp * pp * tp of the ready GPUs (those
+        the served layout uses first, so their context stays), whatever the optimizer would choose and
+        whatever its hysteresis would keep; later plans are the optimizer's again. Returns False (and
+        does nothing) when `config` is what is served already.
+        Raises ValueError under rerouting (its shape is fixed), when fewer GPUs are ready than `config`
+        needs, or when one replica of `config` does not fit (tp or batch not profiled, memory).
+        """
+        if self.approach.mode == "rerouting":
+            raise ValueError("reconfigure: the rerouting baseline keeps one fixed replica shape")
+        ready = self._gpus(noticed=False)
+        if config.world_size > len(ready):
+            raise ValueError(f"reconfigure: {config.short()} needs {config.world_size} GPUs, {len(ready)} are ready")
+        why = self.policy.fits(config, min(g.memory_bytes for g in ready))
+        if why is not None:
+            raise ValueError(f"reconfigure: {why}")
+        now = self.backend.now()
+        if self.plan is not None and self.plan.config == config and self.plan.extra is None and \
+                self.phase == SERVING:
+            self.log.emit(now, "reconfigure", config=config.short(), reason=reason, unchanged=True)
+            return False
+        self._forced = config
+        self.log.emit(now, "reconfigure", config=config.short(), reason=reason, unchanged=False)
+        self.replan(reason, force=True)
+        return True
+
+    def _forced_gpus(self, gpus: list[GPU], config: ParallelConfig) -> tuple[list[GPU], list[GPU]]:
+        """(the dp * pp * tp GPUs a forced config runs on, the others): the served layout's GPUs first, in
+        position order (whole replicas, so their context stays), then the rest in order."""
+        rank = {g: i for i, (_, g) in enumerate(sorted(self.plan.placement.items()))} if self.plan else {}
+        ordered = sorted(gpus, key=lambda g: rank.get(g.id, len(rank)))
+        return ordered[:config.world_size], ordered[config.world_size:]
+
     def replan(self, reason: str, force: bool = False) -> None:
         """Ask for a plan; every request made at the same instant is answered by one plan."""
         if self.backend is None:
@@ -170,16 +207,24 @@ class Controller(ReroutingMixin, BackendEvents):
         """Plan for the GPUs that will remain; start draining towards the new layout if it differs."""
         now = self.backend.now()
         fresh = self.approach.mode == "reparallelization"
+        forced, self._forced = self._forced, None
         gpus = self._gpus(noticed=False)
         leaving = self._gpus(noticed=True) if self.approach.mode == "spotserve" else []
         running = self._running()
-        frozen = self._frozen_shape(gpus + leaving)
+        if forced is not None and forced.world_size > len(gpus):
+            self.log.emit(now, "reconfigure_dropped", config=forced.short(), gpus=len(gpus))  # GPUs lost since
+            forced = None
+        if forced is not None:
+            gpus, spare = self._forced_gpus(gpus, forced)
+            if self.approach.mode == "spotserve":
+                leaving = leaving + spare  # no position, but their context can still be sent
+        frozen = forced or self._frozen_shape(gpus + leaving)
         plan = self.policy.plan(gpus, self.rate, None if fresh else self.plan, running, leaving, self.approach,
-                                frozen)
+                                frozen, forced=forced is not None)
         if plan.cannot_serve:
             self.log.emit(now, "cannot_serve", reason=plan.cannot_serve, trigger=reason, gpus=len(gpus))
-            if self.plan is None and not self.replicas:
-                return
+            if (self.plan is None and not self.replicas) or forced is not None:
+                return  # a forced config that cannot serve leaves the served layout as it is
         elif self.plan is not None and not force and (
                 self._same_layout(plan, running) or
                 (fresh and plan.config == self.plan.config and plan.extra == self.plan.extra)):
@@ -192,7 +237,8 @@ class Controller(ReroutingMixin, BackendEvents):
         migrate_at = now
         if deadline is not None and self.approach.arranger and plan.serving and self.replicas:
             moving = [q for q in running if q.replica not in kept_old]  # requests of unchanged replicas go on
-            decision = self.policy.arrange(now, deadline, moving, plan, self.plan, self.approach, frozen)
+            decision = self.policy.arrange(now, deadline, moving, plan, self.plan, self.approach, frozen,
+                                           forced=forced is not None)
             migrate_at = min(max(now, decision.migrate_at), deadline)
         elif deadline is not None and not plan.serving:
             migrate_at = deadline  # nothing to move to: keep serving until the instances go

@@ -9,9 +9,19 @@ from __future__ import annotations
 
 from spotserve.controller.approach import Approach
 from spotserve.planner.cost import CostModel, stage_layer_ranges
-from spotserve.planner.optimizer import ConfigOptimizer
+from spotserve.planner.optimizer import Choice, ConfigOptimizer
 from spotserve.planner.planner import Planner, PlannerSwitches
 from spotserve.planner.types import GPU, ParallelConfig, ReconfigurationPlan
+
+
+class _ForcedOptimizer(ConfigOptimizer):
+    """The optimizer of a forced reconfiguration (Controller.reconfigure): only the forced replica shape,
+    dp from the GPUs it is given. The current config neither holds it back (hysteresis) nor prices it
+    (with one shape there is nothing to compare)."""
+
+    def choose(self, n_gpus: int, arrival_rate: float, gpu_memory_bytes: int | None = None, current=None,
+               kept_gpus: int | None = None, slo: float | None = None) -> Choice:
+        return super().choose(n_gpus, arrival_rate, gpu_memory_bytes)
 
 
 class Policy:
@@ -48,12 +58,17 @@ class Policy:
         return v
 
     # --- decisions ----------------------------------------------------------------------------
-    def planner(self, approach: Approach, frozen: ParallelConfig | None) -> Planner:
-        """The Planner for this switch combination (built once)."""
+    def planner(self, approach: Approach, frozen: ParallelConfig | None, forced: bool = False) -> Planner:
+        """The Planner for this switch combination (built once); ``forced``: ``frozen`` is a config an
+        operator asked for (Controller.reconfigure), taken as it is."""
+        if forced and frozen is None:
+            raise ValueError("a forced plan needs its config (frozen)")
         sw = self.switches(approach, frozen)
-        p = self._planners.get(sw)
+        p = self._planners.get((sw, forced))
         if p is None:
-            p = self._planners[sw] = Planner(self.cost, sw)
+            p = self._planners[(sw, forced)] = Planner(self.cost, sw)
+            if forced:
+                p.optimizer = _ForcedOptimizer(self.cost, fixed_shape=frozen)
         return p
 
     @staticmethod
@@ -63,14 +78,31 @@ class Policy:
                                memory_aware=approach.migration_planner, move_kv=approach.arranger)
 
     def plan(self, gpus: list[GPU], rate: float, current, running, leaving: list[GPU], approach: Approach,
-             frozen: ParallelConfig | None) -> ReconfigurationPlan:
-        """The next layout for `gpus` (`leaving`: GPUs under notice, sources only)."""
-        return self.planner(approach, frozen).plan(gpus, rate, current=current, requests=running, leaving=leaving)
+             frozen: ParallelConfig | None, forced: bool = False) -> ReconfigurationPlan:
+        """The next layout for `gpus` (`leaving`: GPUs under notice, sources only); ``forced``: the
+        replica shape ``frozen`` on every GPU given, whatever the current config."""
+        return self.planner(approach, frozen, forced).plan(gpus, rate, current=current, requests=running,
+                                                           leaving=leaving)
 
     def arrange(self, now: float, deadline: float, running, plan: ReconfigurationPlan, current,
-                approach: Approach, frozen: ParallelConfig | None):
-        """When migration must start and how each running request's context survives."""
-        return self.planner(approach, frozen).arrange(now, deadline, running, plan, current)
+                approach: Approach, frozen: ParallelConfig | None, forced: bool = False):
+        """When migration must start and how each running request's context survives (``forced`` as
+        given to the `plan` call that made ``plan``)."""
+        return self.planner(approach, frozen, forced).arrange(now, deadline, running, plan, current)
+
+    def fits(self, config: ParallelConfig, gpu_memory_bytes: int | None = None) -> str | None:
+        """Why one replica of ``config`` cannot run on this model and profile (None when it can)."""
+        c = self.cost
+        if config.tp not in c.tps:
+            return f"tp {config.tp} is not profiled for {c.spec.name} (have {c.tps})"
+        if config.pp > c.spec.num_layers:
+            return f"pp {config.pp} exceeds the {c.spec.num_layers} layers of {c.spec.name}"
+        if config.batch not in c.batches:
+            return f"batch {config.batch} is not profiled (have {c.batches})"
+        mem = c.gpu_memory_bytes if gpu_memory_bytes is None else gpu_memory_bytes
+        if not bool(c.feasible(config.pp, config.tp, config.batch, config.micro_batches, mem)):
+            return f"one replica {config.short()} does not fit {mem / 2**30:.1f} GiB per GPU"
+        return None
 
     def fixed_shape(self, gpus: list[GPU], rate: float) -> ParallelConfig | None:
         """The replica shape chosen once for the full pool (rerouting, no-optimizer)."""
