@@ -11,7 +11,9 @@ workers are still in step):
   tp2, pp2  the same on both workers over torch.distributed; tokens compared with tp1's, first
             divergence explained by the reference's top-2 logit margin there (fp16 ties)
   executor  spotserve.daemon.executor moving the weight shards tp=1 (worker 0) -> tp=2 (both) and
-            the KV blocks of running requests worker 0 -> worker 1, against raw p2p of the same bytes
+            the KV blocks of running requests worker 0 -> worker 1, against raw p2p of the same bytes:
+            move only and including allocation, NCCL alone on the executor's rounds, a sweep of
+            settings (--exec-sweep) and a per-round timeline (scripts/two_gpu_executor.py)
 Memory floor of a layout: (weight + KV bytes read per decode step per GPU) / device copy rate
 (bytes read + written per second, measured in the same run); tp: the busiest GPU; pp: the sum of
 the stages (one micro-batch runs through them one after the other).
@@ -21,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from spotserve.profile.timing import copy_bandwidth, median
 from spotserve.profile.weights import random_weights
 
 GPU = {"dtype": torch.float16, "ctx": 512, "batches": (1, 8, 32), "steps": 20, "warmup": 3,
-       "check_prompts": 10, "check_len": 64, "check_tokens": 32, "p2p": (8 << 20, 64 << 20, 1 << 30),
+       "check_prompts": 10, "check_len": 64, "check_tokens": 32, "p2p": (8 << 20, 64 << 20, 256 << 20, 1 << 30),
        "p2p_reps": 20, "copy_bytes": 1 << 30, "kv_requests": 16, "kv_tokens": 512, "repeat": 3}
 CPU = {"dtype": torch.float32, "ctx": 32, "batches": (1, 8, 32), "steps": 4, "warmup": 1,
        "check_prompts": 10, "check_len": 16, "check_tokens": 32, "p2p": (1 << 20, 8 << 20), "p2p_reps": 3,
@@ -216,11 +216,12 @@ def phase_tp1(run: Run) -> dict:
     return out
 
 
-def compare(run: Run, eng: Engine, name: str) -> dict:
-    """Greedy tokens of this layout vs tp1's; the sampler worker explains the first flip of each prompt."""
+def compare(run: Run, eng: Engine, name: str, outputs=None) -> dict:
+    """Greedy tokens of this layout vs tp1's; the sampler worker explains the first flip of each prompt.
+    outputs: greedy()'s (tokens, logits) of the check prompts when already run."""
     cfg = run.cfg
     prompts = random_prompts(run.spec, cfg["check_prompts"], cfg["check_len"], seed=1234)
-    tokens, logits = greedy(eng, prompts, cfg["check_tokens"])
+    tokens, logits = outputs or greedy(eng, prompts, cfg["check_tokens"])
     ref, new = run.ref["tokens"], cfg["check_tokens"]
     # step-0 logits of tp1 (worker 0) sent to the sampler worker for the relative error
     ref0 = run.ref_logits0 if run.rank == 0 else torch.empty(len(prompts), run.spec.vocab, device=run.dev)
@@ -254,6 +255,9 @@ def compare(run: Run, eng: Engine, name: str) -> dict:
 
 
 def phase_layout(run: Run, pp: int, tp: int) -> dict:
+    """The layout on both workers: decode run eagerly (first, so its figures survive a failed capture),
+    then from CUDA graphs (tp all-reduces inside them, pp send/recv between them): tokens and logits
+    of the two compared, tokens vs tp1, ms/step of each at every batch."""
     name = f"pp{pp}" if pp > 1 else f"tp{tp}"
     cfg = run.cfg
     t0 = time.perf_counter()
@@ -261,180 +265,77 @@ def phase_layout(run: Run, pp: int, tp: int) -> dict:
     max_len = max(cfg["ctx"] + cfg["warmup"] + cfg["steps"] + 8, cfg["check_len"] + cfg["check_tokens"])
     eng = run.engine(pp, tp, ctx, max(max(cfg["batches"]), cfg["check_prompts"]), max_len)
     run.sync()
-    out = {"setup_s": time.perf_counter() - t0, "tokens": compare(run, eng, name)}
+    out = {"setup_s": time.perf_counter() - t0}
+    dec = eng.runner.decoder
+    prompts = random_prompts(run.spec, cfg["check_prompts"], cfg["check_len"], seed=1234)
+    dec.set_graphs(False)
+    eager = greedy(eng, prompts, cfg["check_tokens"])
+    out["tokens_eager"] = compare(run, eng, f"{name}-eager", eager)
+    out["decode_eager"] = timings(run, eng, f"{name}-eager", 2)
+    dec.set_graphs(run.dev == "cuda")
+    t1 = time.perf_counter()
+    graphed = greedy(eng, prompts, cfg["check_tokens"])  # captures the check batch's keys
+    out["graph_check"] = graph_vs_eager(run, eng, name, eager, graphed, time.perf_counter() - t1)
+    out["tokens"] = compare(run, eng, name, graphed)
     out["decode"] = timings(run, eng, name, 2)
+    out["graphs"] = graph_stats(run, eng, name)
+    report_graph_speedup(run, name, out)
     del eng
     if run.dev == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
-def phase_executor(run: Run) -> dict:
-    from spotserve.daemon.executor import MigrationExecutor
+def graph_vs_eager(run: Run, eng: Engine, name: str, eager, graphed, seconds: float) -> dict:
+    """Greedy tokens of the graph run vs the eager run (same engine, same prompts) and the largest
+    relative error of their logits over all steps (on the sampler worker)."""
+    (tok_e, log_e), (tok_g, log_g) = eager, graphed
+    same = sum(a == b for a, b in zip(tok_e, tok_g))
+    err = None
+    sampler = eng.runner.ctx.sampler_rank
+    if run.rank == sampler:
+        err = max(float((g.float() - e.float()).norm() / e.float().norm()) for g, e in zip(log_g, log_e)
+                  if g is not None and e is not None and g.shape == e.shape)
+    err = run.share(f"{name}-graph-err", err, sampler)
+    res = {"prompts": len(tok_e), "tokens_equal": same, "max_logits_rel_err": err, "graph_run_s": seconds}
+    if run.rank == 0:
+        shown = "n/a" if err is None else f"{err:.2e}"
+        print(f"  {name} graphs vs eager: {same}/{len(tok_e)} prompts with equal tokens, logits rel err "
+              f"<= {shown}; first graph run (captures included) {seconds:.2f} s", flush=True)
+    return res
 
-    gpus = ["g0", "g1"]
-    me, cfg, out = gpus[run.rank], run.cfg, {}
-    for name, build in (("weights-tp1-to-tp2", lambda: tp1_to_tp2(run.spec)),
-                        ("kv-blocks", lambda: kv_scenario(run.spec, cfg["kv_requests"], cfg["kv_tokens"]))):
-        setup_error = None
-        try:
-            old, new, transfers, reqs, weights, kv, fresh = executor_inputs(run, me, build)
-        except Exception:  # tell the peer, so neither waits in a collective the other never joins
-            setup_error = traceback.format_exc()
-        if not agree(run, setup_error is None):
-            raise RuntimeError(f"executor {name}: setup failed on a worker; here: {setup_error}")
-        full = run.weights()
-        # the executor compares tensor devices exactly: name the GPU with its index (cuda:i, not cuda)
-        dev = torch.device("cuda", torch.cuda.current_device()) if run.dev == "cuda" else torch.device("cpu")
-        ex = MigrationExecutor(run.spec, me, {g: i for i, g in enumerate(gpus)}, dtype=run.dtype, device=dev,
-                               alloc=lambda n, shape, dt: fresh[n])
-        box = {}
-        # Resolution is host work done when the plan arrives (timed apart); the move is what is timed.
-        prep = ex.prepare(old, new, transfers, reqs)
 
-        def migrate():
-            box["o"] = ex.run(old, new, transfers, weights, kv=kv, requests=reqs, prepared=prep)
-            if run.dev == "cuda":
-                torch.cuda.synchronize()
+def graph_stats(run: Run, eng: Engine, name: str) -> dict:
+    """Keys each worker captured (they must be equal: matching collectives) and how many graphs."""
+    dec = eng.runner.decoder
+    mine = {"use_graphs": dec.use_graphs, "keys": [list(k) for k in dec.keys],
+            "graphs": sum(len(g) for g in dec.graphs.values()), "micro_batches": dec.micro_batches,
+            "chunks": dec.chunks}
+    both = [run.share(f"{name}-graphs-{r}", mine if run.rank == r else None, r) for r in range(2)]
+    res = dict(mine, per_worker_graphs=[b["graphs"] for b in both], same_keys=both[0]["keys"] == both[1]["keys"])
+    if run.rank == 0:
+        print(f"  {name} graphs: {res['per_worker_graphs']} captured per worker over {len(mine['keys'])} keys "
+              f"(batch bucket, context bucket) {mine['keys']}; same keys on both: {res['same_keys']}", flush=True)
+    return res
 
-        t_exec = timed(run, migrate, cfg["repeat"])
-        st = box["o"].stats
-        # correctness: the new shards equal the slices of the same random weights
-        wrong = [n for n, r in new.weight_ranges(run.spec, me).items()
-                 if not torch.equal(box["o"].weights[n], full[n].narrow(r.dim, r.start, r.end - r.start))]
-        kv_ok = all(bool(p.data.eq(1).all()) for p in box["o"].kv.values())
-        per_dir = [int(x) for x in gather_int(run, st.sent_bytes)]
-        send = torch.ones(max(per_dir[run.rank], 1), dtype=torch.uint8, device=run.dev)
-        recv = torch.zeros(max(per_dir[1 - run.rank], 1), dtype=torch.uint8, device=run.dev)
 
-        def raw():
-            ops = []
-            if per_dir[run.rank]:
-                ops.append(dist.P2POp(dist.isend, send, 1 - run.rank))
-            if per_dir[1 - run.rank]:
-                ops.append(dist.P2POp(dist.irecv, recv, 1 - run.rank))
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
-            if run.dev == "cuda":
-                torch.cuda.synchronize()
-
-        t_raw = timed(run, raw, cfg["repeat"])
-        total = sum(per_dir)
-        te, tr = statistics.median(t_exec), statistics.median(t_raw)
-        wrong_all = run.share(f"{name}-wrong-1", wrong if run.rank == 1 else None, 1) + (wrong if run.rank == 0 else [])
-        kv1 = run.share(f"{name}-kv-1", kv_ok if run.rank == 1 else None, 1)
-        out[name] = {"bytes": total, "bytes_per_direction": per_dir, "executor_s": te, "raw_s": tr,
-                     "executor_runs_s": t_exec, "raw_runs_s": t_raw, "executor_GBps": total / te / 1e9,
-                     "raw_GBps": total / tr / 1e9, "pct_of_raw": 100 * tr / te, "prepare_s": prep.seconds,
-                     "moves": len(box["o"].resolution.moves), "messages_sent": st.messages_sent,
-                     "direct_messages": st.direct_messages, "rounds": st.rounds, "staging_bytes": st.staging_bytes,
-                     "local_bytes": st.local_bytes, "wrong_tensors": wrong_all, "kv_ok": bool(kv_ok and kv1)}
+def report_graph_speedup(run: Run, name: str, out: dict) -> None:
+    """Adds eager/graph ms per batch to out["decode"] rows and prints them side by side (rank 0)."""
+    mode = "graphs" if out["graphs"]["use_graphs"] else "graphs off (cpu), eager again"
+    for key, row in out["decode"].items():
+        e = out["decode_eager"][key]["decode_ms"]
+        row["eager_decode_ms"], row["graph_speedup"] = e, e / row["decode_ms"]
         if run.rank == 0:
-            r = out[name]
-            print(f"  executor {name}: {total / 1e9:.3f} GB in {te * 1e3:.2f} ms = {r['executor_GBps']:.1f} GB/s; "
-                  f"raw p2p same bytes {tr * 1e3:.2f} ms = {r['raw_GBps']:.1f} GB/s -> {r['pct_of_raw']:.0f}%; "
-                  f"wrong tensors {len(wrong_all)}, kv ok {r['kv_ok']}; prepare (host, once per plan) "
-                  f"{prep.seconds * 1e3:.1f} ms", flush=True)
-        del weights, kv, fresh, box, ex, send, recv
-        if run.dev == "cuda":
-            torch.cuda.empty_cache()
-    return out
+            print(f"  {name} {key}: {mode} {row['decode_ms']:.3f} ms/step vs eager {e:.3f} -> "
+                  f"{row['graph_speedup']:.2f}x (floor {row['memory_floor_ms']:.3f} ms)", flush=True)
 
 
-def agree(run: Run, ok: bool) -> bool:
-    """True when every worker says ok (a MIN all-reduce)."""
-    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=run.dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+def phase_executor(run: Run) -> dict:
+    """The migration executor against raw p2p of the same bytes, with a settings sweep and a timeline
+    of where its time goes (scripts/two_gpu_executor.py)."""
+    import two_gpu_executor
 
-
-def executor_inputs(run: Run, me: str, build):
-    """Layouts, transfers and KV requests of a scenario, this worker's old shards and KV pieces (ones),
-    and the new tensors allocated up front (as a daemon or the KV cache would hand them out)."""
-    from spotserve.daemon.layout import box_shape
-    from spotserve.engine.kv_reshard import RequestKV
-
-    old, new, transfers, reqs = build()
-    full = run.weights()
-    weights = {n: full[n].narrow(r.dim, r.start, r.end - r.start).contiguous()
-               for n, r in old.weight_ranges(run.spec, me).items()}
-    kv, fresh = {}, {}
-    held = old.kv_ranges(run.spec, me)
-    for q in reqs:
-        if held is not None and held[0] == q.old_replica:
-            nb = -(-q.num_tokens // old.block_size)
-            data = torch.ones(nb, held[1][1] - held[1][0], 2, held[2][1] - held[2][0], old.block_size,
-                              run.spec.head_dim, dtype=run.dtype, device=run.dev)
-            kv[q.request_id] = RequestKV(q.request_id, q.num_tokens, old.block_size, held[1], held[2], data)
-    for n, r in new.weight_ranges(run.spec, me).items():
-        fresh[n] = torch.zeros(box_shape(run.spec, n, r.dim, r.end - r.start), dtype=run.dtype, device=run.dev)
-    nr = new.kv_ranges(run.spec, me)
-    for q in reqs:
-        if nr is not None and q.new_replica == nr[0]:
-            nb = -(-q.num_tokens // new.block_size)
-            fresh[f"kv/{q.request_id}"] = torch.zeros(nb, nr[1][1] - nr[1][0], 2, nr[2][1] - nr[2][0],
-                                                      new.block_size, run.spec.head_dim, dtype=run.dtype,
-                                                      device=run.dev)
-    return old, new, transfers, reqs, weights, kv, fresh
-
-
-def plan_scenario(spec, x, px, y, py, inherits, running):
-    """(old layout, new layout, planner transfers, KV requests) of moving config x on px to y on py."""
-    from spotserve.daemon.layout import KVRequest, Layout
-    from spotserve.planner import GPU as PGPU, CostModel
-    from spotserve.planner.migration import MigrationPlanner
-    from spotserve.planner.profiles import parse_profile
-    from spotserve.planner.types import ReconfigurationPlan
-
-    data = {"name": "bench", "layer_num": spec.num_layers, "pp_init_comm": 1.0, "pp_incr_comm": 0.1,
-            "embed": [0.1], "final_fix_factor": 1.0, "dtype": "fp16", "reserved_bytes": 0}
-    for tp in (1, 2):  # any cost figures do: the plan's transfers depend on the layouts only
-        data[f"tp-{tp}"] = {f"bsz-{b}": {"init": 10.0 * b / tp, "incr": 1.0 + b / tp} for b in (1, 64)}
-    cost = CostModel(parse_profile(data), spec, gpu_memory_bytes=1 << 40)
-    place_x, place_y = dict(zip(x.positions(), px)), dict(zip(y.positions(), py))
-    gpus = [PGPU(g, "i0", i, 1 << 40) for i, g in enumerate(["g0", "g1"])]
-    plan = MigrationPlanner(cost).migrate(y, None, place_y, inherits, gpus, ReconfigurationPlan(x, place_x, [], 0.0),
-                                          running)
-    reqs = [KVRequest(q.request_id, 0, plan.continued[q.request_id], q.tokens) for q in running]
-    return Layout.of(x, place_x, 16), Layout.of(y, place_y, 16), plan.transfers, reqs
-
-
-def tp1_to_tp2(spec):
-    """The whole model on g0 (tp=1) -> tp=2 on g0 + g1 (g1 receives half of every split tensor)."""
-    from spotserve.planner.types import ParallelConfig
-
-    return plan_scenario(spec, ParallelConfig(1, 1, 1, 1), ["g0"], ParallelConfig(1, 1, 2, 1), ["g0", "g1"],
-                         {0: 0}, [])
-
-
-def kv_scenario(spec, n: int, tokens: int):
-    """Two replicas swap GPUs: the KV of n requests of replica 0 moves g0 -> g1 (weights stay)."""
-    from spotserve.planner.types import ParallelConfig, RunningRequest
-
-    running = [RunningRequest(f"r{i}", 0, tokens, tokens, 0, 1) for i in range(n)]
-    return plan_scenario(spec, ParallelConfig(2, 1, 1, 64), ["g0", "g1"], ParallelConfig(2, 1, 1, 64), ["g1", "g0"],
-                         {0: 0, 1: 1}, running)
-
-
-def gather_int(run: Run, x: int) -> list[int]:
-    t = torch.tensor([x], dtype=torch.int64, device=run.dev)
-    both = [torch.zeros(1, dtype=torch.int64, device=run.dev) for _ in range(2)]
-    dist.all_gather(both, t)
-    return [int(b) for b in both]
-
-
-def timed(run: Run, fn, repeat: int) -> list[float]:
-    """Wall seconds of fn() per repeat, the slowest worker's (after one warm-up)."""
-    fn()
-    out = []
-    for _ in range(repeat):
-        run.sync()
-        t0 = time.perf_counter()
-        fn()
-        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=run.dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out.append(float(t))
-    return out
+    return two_gpu_executor.phase_executor(run)
 
 
 def print_table(res: dict) -> None:
@@ -452,8 +353,12 @@ def print_table(res: dict) -> None:
         if isinstance(v, dict):
             print(f"p2p {k}: {v['GBps']:.1f} GB/s")
     for k, v in (ph.get("executor") or {}).items():
-        if isinstance(v, dict):
-            print(f"executor {k}: {v['executor_GBps']:.1f} GB/s = {v['pct_of_raw']:.0f}% of raw {v['raw_GBps']:.1f} GB/s")
+        if isinstance(v, dict) and "executor_GBps" in v:
+            alloc = v.get("with_alloc_pct_of_raw")
+            print(f"executor {k}: {v['executor_GBps']:.1f} GB/s = {v['pct_of_raw']:.0f}% of raw "
+                  f"{v['raw_GBps']:.1f} GB/s" + ("" if alloc is None else f" (including allocation {alloc:.0f}%)"))
+            for row in v.get("sweep", [])[1:]:
+                print(f"  setting {row['label']}: {row['pct_of_raw']:.0f}% of raw")
     for k, v in res["errors"].items():
         print(f"ERROR {k}: {v.splitlines()[-1] if v else v}")
 
@@ -465,6 +370,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--timeout", type=float, default=300.0, help="limit of every collective (s)")
     ap.add_argument("--phases", default="p2p,tp1,tp2,pp2,executor")
+    ap.add_argument("--exec-sweep", default=None, help="executor settings, ':'-separated, e.g. "
+                    "'default:round=64M:solo=1G,depth=2' (keys solo, round, staging, depth; default per device)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA GPU (use --device cpu --model opt-tiny for the rehearsal)")

@@ -29,8 +29,10 @@ else
   } >"$OUT/build.log" 2>&1
   cat "$OUT/build.log"
   start=$(date +%s)
-  cp .devcarry/twogpu/_C.cpython-312-*.so spotserve/ 2>/dev/null
-  if $PY -c "import spotserve.ops as o; assert o.WITH_CUDA" >>"$OUT/build.log" 2>&1; then
+  # a build left in the tree by an earlier call on a warm machine wins over a carried one (which may be stale)
+  $PY -c "import spotserve.ops as o, spotserve.engine.engine; assert o.WITH_CUDA" >/dev/null 2>&1 \
+    || cp .devcarry/twogpu/_C.cpython-312-*.so spotserve/ 2>/dev/null
+  if $PY -c "import spotserve.ops as o, spotserve.engine.engine; assert o.WITH_CUDA" >>"$OUT/build.log" 2>&1; then
     echo "build: using the carried CUDA build of spotserve._C"
   else
     rm -f spotserve/_C.cpython-312-*.so

@@ -18,7 +18,7 @@ class EngineConfig:
     (prefill budget; a single longer request is still admitted alone).
     micro_batches: how many micro-batches one step is split into across pipeline stages.
     timeout_s: limit of every collective / point-to-point call; a peer silent for longer is lost.
-    cuda_graphs: replay decode steps from CUDA graphs (GPU, pp = tp = 1); off: the same static
+    cuda_graphs: replay decode steps from CUDA graphs (GPU, any pp and tp); off: the same static
     step runs eagerly.
     """
 

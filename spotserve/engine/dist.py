@@ -20,6 +20,11 @@ from spotserve.engine.layers import LOCAL
 from spotserve.engine.watch import PeerWatch
 
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+# Called before the process groups are destroyed (graphs.py registers the release of decode graphs:
+# NCCL >= 2.26 destroys or aborts no communicator while a CUDA graph that captured it is alive).
+BEFORE_DESTROY: list = []
+# torch >= 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single.
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class CollectiveError(RuntimeError):
@@ -51,6 +56,8 @@ class World:
             self.watch.mark_exit("done")
         self.linger()
         if dist.is_initialized():
+            for release in BEFORE_DESTROY:
+                release()
             dist.destroy_process_group()
 
     def linger(self) -> None:
@@ -160,9 +167,13 @@ class TPComm:
         return t
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        out = [torch.empty_like(t) for _ in range(self.size)]
-        self.ctx.guard("tp all_gather", lambda: dist.all_gather(out, t, group=self.group))
-        return out
+        """Every shard's `t` (same shape everywhere), in shard order: views of one gathered tensor.
+
+        One collective into one buffer (no per-shard copies afterwards), so a CUDA graph captures
+        a single NCCL kernel."""
+        out = torch.empty(self.size * t.numel(), dtype=t.dtype, device=t.device)  # flat: gloo takes no stacked form
+        self.ctx.guard("tp all_gather", lambda: _gather_into(out, t.contiguous().view(-1), group=self.group))
+        return list(out.view(self.size, *t.shape).unbind(0))
 
 
 class DistContext:

@@ -102,6 +102,12 @@ class Engine:
                 on_step(self, new)
         return {rid: list(seq.output) for rid, seq in self.finished.items()}
 
+    def release_graphs(self) -> None:
+        """Drop the decode CUDA graphs. Call before destroying the process groups of this engine
+        (World.close does it): NCCL >= 2.26 destroys or aborts no communicator that a live graph
+        captured and would wait forever. Later decode steps capture again."""
+        self.runner.decoder.release()
+
     @property
     def last_logits(self):
         """Logits [batch, vocab] of the latest step, in batch order (last stage only, else None)."""

@@ -4,9 +4,11 @@ A step's requests are split into micro-batches; stage s receives micro-batch m f
 runs its layers and sends it on (asynchronously, so it can start m+1 while s+1 works on m). The
 last stage computes logits of each request's last new token and samples; the sampled tokens are
 broadcast to every worker of the replica, so all of them see the same new token per request.
-A one-stage replica runs decode-only steps on static buffers (graphs.StaticDecoder: padded to a
-batch bucket, replayed from a CUDA graph on the GPU with tp=1); the sole host synchronisation of a
-step is reading its new tokens at the end.
+Decode-only steps run on static buffers (graphs.StaticDecoder: padded to a batch bucket, each
+stage's share replayed from CUDA graphs on the GPU, tp all-reduces inside the graphs, stage-to-stage
+sends between replays); the sole host synchronisation of a step is reading its new tokens at the
+end, after the eager broadcast from the sampler (which also keeps the step visible to the NCCL
+watchdog).
 """
 from __future__ import annotations
 
@@ -44,11 +46,8 @@ class ModelRunner:
         self.heads = sharding.partition(spec.kv_heads, config.tp, ctx.shard)
         self.cache = KVCache(config.num_blocks, len(layers), self.heads[1] - self.heads[0], config.block_size,
                              spec.head_dim, self.dtype, self.device)
-        self.decoder = None
-        if config.pp == 1:
-            # CUDA graphs hold no collectives here: tp > 1 runs the same static step eagerly.
-            self.decoder = StaticDecoder(self.model, self.cache, config.max_batch, spec.max_positions,
-                                         use_graphs=config.cuda_graphs and config.tp == 1)
+        self.decoder = StaticDecoder(self.model, self.cache, ctx, config.max_batch, spec.max_positions,
+                                     config.micro_batches, use_graphs=config.cuda_graphs)
         self._logits: torch.Tensor | None = None
 
     @property
@@ -67,7 +66,7 @@ class ModelRunner:
         if not work:
             return []
         ctx = self.ctx
-        if self.decoder is not None and all(len(w.tokens) == 1 for w in work):
+        if all(len(w.tokens) == 1 for w in work):
             tokens, self._logits = self.decoder.run(work)
         else:
             tokens, self._logits = self._pipelined_step(work)
@@ -78,7 +77,7 @@ class ModelRunner:
         return tokens.tolist()
 
     def _pipelined_step(self, work: list[Work]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """General step (prefill, mixed, or any step with pp > 1): greedy tokens and logits (last stage)."""
+        """General step (prefill or mixed prefill + decode): greedy tokens and logits (last stage)."""
         ctx, model = self.ctx, self.model
         sends, logits = [], []
         for mb in self.micro_batches(work):

@@ -155,6 +155,10 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
                 res = replace(res, approach=f"{name}@sim")
                 write_result(out, res)
                 summaries[res.approach] = res.summary
+                agree = compare_sim(summaries[name], res.summary)
+                summaries[name]["live_over_sim"] = agree
+                say(f"{name}: live / sim latency P50 {agree['p50']}, P99 {agree['p99']} "
+                    f"(within 25% of each other: {'yes' if agree['within_25pct'] else 'no'})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     meta = {"kind": "e2e", "backend": "live", "model": spec.name, "paper_model": model, "trace": trace.name,
@@ -165,6 +169,14 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
     write_summary(out, summaries, meta)
     plots.latency_percentiles(out, f"live {spec.name} on {trace.name}")
     return summaries
+
+
+def compare_sim(live: dict, sim: dict) -> dict:
+    """live / simulated P50 and P99 latency of one approach, and whether both are within 25%."""
+    ratio = {q: (live[f"{q}_s"] / sim[f"{q}_s"]) if live.get(f"{q}_s") and sim.get(f"{q}_s") else None
+             for q in ("p50", "p99")}
+    ok = all(r is not None and max(r, 1 / r) <= 1.25 for r in ratio.values())
+    return {**{q: round(r, 4) if r is not None else None for q, r in ratio.items()}, "within_25pct": ok}
 
 
 def _model_and_profile(lo: LiveOptions, tmp: Path, say) -> tuple[str, str]:

@@ -27,7 +27,8 @@ _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 def _args(argv):
     ap = argparse.ArgumentParser(prog="python -m spotserve.live", description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--profile", help="cost-model profile JSON (default: measured now into the run dir)")
+    ap.add_argument("--profile", help="cost-model profile JSON (default: RUN_DIR/profile.json, measured through "
+                                      "the live path on first use: python -m spotserve.live.calibrate)")
     ap.add_argument("--run-dir", default="spotserve-live")
     ap.add_argument("--state", help="SQLite state path (default RUN_DIR/state.sqlite); reuse it to resume")
     ap.add_argument("--instances", default="", help="comma-separated instances to start with")
@@ -47,6 +48,8 @@ def _args(argv):
     ap.add_argument("--imds-instance")
     ap.add_argument("--exit-when-done", action="store_true")
     ap.add_argument("--step-pause-s", type=float, default=0.0, help="pause between decode steps (demos)")
+    ap.add_argument("--reconnect-s", type=float, default=30.0,
+                    help="workers outlive a lost controller this long; a restart with the same --state adopts them")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
 
@@ -91,18 +94,18 @@ async def _main(args, agents: int, rank0_hook=None) -> int:
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     profile = args.profile
-    if profile is None:
-        from spotserve.live.profile import measure
+    if profile is None:  # measured through the live path, cached in the run dir (a restart reuses it)
+        from spotserve.live.calibrate import cached_profile
 
-        profile = str(run / "profile.json")
-        Path(profile).write_text(json.dumps(measure(args.model_dir, gpus_per_instance=args.gpus_per_instance)))
+        profile = await cached_profile(args.model_dir, run, args.gpus_per_instance,
+                                       say=lambda m: print(m, file=sys.stderr, flush=True))
     trace = load_availability(args.trace) if args.trace else None
     instances = [s for s in args.instances.split(",") if s] or (initial_instances(trace) if trace else [])
     if not instances:
         raise SystemExit("no instances: give --instances or a --trace with instances at time 0")
     cfg = LiveConfig(args.model_dir, profile, str(run), gpus_per_instance=args.gpus_per_instance,
                      approach=args.approach, rate=args.rate, grace_s=args.grace_s, state_path=args.state,
-                     host=args.host, output_len=args.output_len)
+                     host=args.host, output_len=args.output_len, reconnect_s=args.reconnect_s)
     token = None
     if rank0_hook is not None:
         import secrets
@@ -120,8 +123,9 @@ async def _main(args, agents: int, rank0_hook=None) -> int:
         if args.api_key_file:
             key = Path(args.api_key_file).read_text().strip()
         server, port = await serve_http(create_app(svc, api_key=key), args.host, args.port)
-        print(json.dumps({"event": "listening", "http": f"http://{args.host}:{port}", "workers": address}),
-              flush=True)
+        pids = {n: c.pid for n, c in sorted(svc.pool.conns.items()) if c.alive and not c.is_agent}
+        print(json.dumps({"event": "listening", "http": f"http://{args.host}:{port}", "workers": address,
+                          "worker_pids": pids, "adopted": sorted(svc.adopted)}), flush=True)
     if args.imds_url:
         from spotserve.cloud.aws import SpotNoticePoller
 
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
             rank, _, payload = _mpi_share(None)
             address, token = payload.split(b"\n", 1)
-            run_agent(address.decode(), token, rank, args.model_dir, str(Path(args.run_dir) / f"agent{rank}"))
+            run_agent(address.decode(), token, rank, args.model_dir, str(Path(args.run_dir) / f"agent{rank}"),
+                      reconnect_s=args.reconnect_s)
             return 0
         return asyncio.run(_main(args, size - 1, rank0_hook=lambda p: _mpi_share(p)))
     return asyncio.run(_main(args, 0))

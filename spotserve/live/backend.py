@@ -3,14 +3,17 @@
 Replicas are groups of connected workers (slot names = the controller's GPU ids). A batch is
 driven step by step from here (every worker of the replica gets the same `step`, the sampler's
 tokens come back and are committed at once), so a stop lands exactly on a step boundary and every
-token is durable before anyone sees it. At a stop the unfinished requests' KV pieces are
-exported from the workers and parked here; a resume with `kv_ready` sends each new position the
-pieces it needs and the worker re-slices them (engine kv_reshard), so a request continues with
-no recomputation across any change of (pp, tp). A replica the plan leaves unchanged
-(keeps_unchanged_replicas) is not touched at all: its batch decodes on through the
-reconfiguration and is only renumbered. Weights: a worker keeps its slices when its
-(pp, tp, stage, shard) is unchanged and otherwise re-reads its slices from the checkpoint (the
-daemon-based migration executor is not wired in yet; see the report).
+token is durable before anyone sees it. At a stop the workers park the unfinished requests' KV
+pieces locally (out of their engines) and reply only each request's cached positions; the backend
+records which replica holds them. A reconfiguration then runs the migration executor
+(daemon/executor.py) in every worker of the replicas that change, old and new: weight slices and
+the KV pieces of the requests the plan continues move worker-to-worker (slices no live GPU holds
+come from the checkpoint), each worker builds its new engine from what it received, and a resumed
+request imports the piece its new workers already hold (no KV bytes through the controller, no
+recomputation). A replica the plan leaves unchanged (keeps_unchanged_replicas) is not touched at
+all: its batch decodes on through the reconfiguration and is only renumbered. The
+reparallelization baseline and the rerouting baseline's replica loads run the same executor with
+no old layout: everything comes from the checkpoint.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from spotserve.controller.backend import Backend, Progress
+from spotserve.daemon.layout import KVRequest
+from spotserve.live.migrate import Migration, migration_msg, runs_layout
 from spotserve.live.pool import CommandError, WorkerConn, WorkerLost, WorkerPool
 from spotserve.live.requests import LiveRequest
 from spotserve.planner.types import ParallelConfig, ReconfigurationPlan
@@ -73,6 +78,9 @@ class LiveBackend(Backend):
         self.on_token: Callable[[LiveRequest, int], None] | None = None
         self.on_configured: Callable[[int, float], None] | None = None
         self.plans_done = 0
+        self.parked: dict[int, LiveRequest] = {}  # requests whose KV pieces workers hold (kv_home)
+        self.held: dict[str, tuple] = {}  # slot -> (pp, tp, stage, shard) of the weights it holds
+        self.migrations: list[dict] = []  # one summary per configuration (the "configured" event)
         self.step_pause_s = 0.0  # pacing between steps (demos and tests that must watch a request run)
 
     def attach(self, controller) -> None:
@@ -131,20 +139,22 @@ class LiveBackend(Backend):
             out.append(Progress(q.id, new, b.first_t.get(q.id), b.finish_t.get(q.id)))
         return out
 
-    def _payload(self, q) -> dict:
+    def _payload(self, q, rt: ReplicaRun) -> dict:
         lr = self.requests[q.id]
         body = {"id": lr.sid, "prompt": lr.prompt, "output": lr.tokens[:q.committed], "params": lr.params}
-        if q.kv_ready and lr.kv and lr.kv_tokens == q.committed:
-            body["kv"] = lr.kv
-            lr.kv_moved_bytes += sum(len(p) for p in lr.kv)
+        home, at = lr.kv_home, lr.kv_at
+        self._unpark(lr)  # the piece is consumed (imported) or dropped by this replica's workers
+        if q.kv_ready and home is rt and at == q.committed:
+            body["kv_local"] = True
             lr.resumes.append({"how": "kv", "at": q.committed})
-            if self.metrics:
-                self.metrics.migration_bytes.inc(sum(len(p) for p in lr.kv))
-        elif q.committed or lr.kv is not None:
+        elif q.committed or home is not None:
             lr.reprefilled += len(lr.prompt) + q.committed
             lr.resumes.append({"how": "prefill", "at": q.committed})
-        lr.kv = None
         return body
+
+    def _unpark(self, lr: LiveRequest) -> None:
+        lr.kv_home = None
+        self.parked.pop(lr.rid, None)
 
     async def _run_batch(self, rt: ReplicaRun, b: BatchRun) -> None:
         stopped = False
@@ -153,7 +163,7 @@ class LiveBackend(Backend):
             if rt.failed:
                 raise CommandError(f"replica {rt.index} failed to configure: {rt.failed}")
             workers = self._workers(rt)
-            await self._all(workers, "add_requests", {"requests": [self._payload(q) for q in b.reqs]})
+            await self._all(workers, "add_requests", {"requests": [self._payload(q, rt) for q in b.reqs]})
             sampler = (rt.shape.pp - 1) * rt.shape.tp
             index = {q.id: b.base[q.id] for q in b.reqs}
             by_sid = {str(q.id): q for q in b.reqs}
@@ -198,15 +208,17 @@ class LiveBackend(Backend):
         self.controller.on_batch_done(rt.index, b.batch_id, self._progress(b), stopped)
 
     async def _park(self, rt: ReplicaRun, workers: list[WorkerConn], live: list[str], index: dict) -> None:
-        """Export the KV pieces of unfinished requests from every worker and keep them here."""
+        """Workers keep the KV pieces of unfinished requests (out of their engines) and reply only the
+        cached positions; a request is parked on `rt` when every worker holds its piece."""
         replies = await self._all(workers, "export", {"ids": live, "release": True})
         for sid in live:
-            pieces = [r.body["pieces"].get(sid) for r in replies]
+            counts = [r.body.get("parked", {}).get(sid) for r in replies]
             lr = self.requests[int(sid)]
-            if all(p is not None for p in pieces):
-                lr.kv, lr.kv_tokens = [bytes(p) for p in pieces], index[int(sid)]
+            if counts and counts[0] is not None and all(c == counts[0] for c in counts):
+                lr.kv_home, lr.kv_tokens, lr.kv_at = rt, int(counts[0]), index[int(sid)]
+                self.parked[lr.rid] = lr
             else:
-                lr.kv = None
+                self._unpark(lr)
 
     def _transaction(self):
         return self.store.transaction() if self.store is not None else contextlib.nullcontext()
@@ -234,6 +246,10 @@ class LiveBackend(Backend):
         return await asyncio.gather(*(w.call(mtype, body, self.command_timeout_s) for w in workers))
 
     # --- reconfiguration ----------------------------------------------------------------------
+    def _mode(self) -> str:
+        approach = getattr(self.controller, "approach", None)
+        return getattr(approach, "mode", "spotserve")
+
     def execute_plan(self, plan: ReconfigurationPlan, plan_id: int, stall_s: float,
                      keep: dict[int, int] | None = None) -> None:
         # replicas in `keep` (new index -> old) go on as they are: same workers, same process group,
@@ -249,10 +265,17 @@ class LiveBackend(Backend):
             rt = self.replicas.get(old)
             if rt is None or rt.shape != layout[new][0] or rt.slots != layout[new][1]:
                 raise ValueError(f"plan {plan_id}: kept replica {old} -> {new} does not match the running one")
+        kept_old = set(keep.values())
+        # the replicas that change, as they were: the old side of the migration (none for the
+        # reparallelization baseline, which restarts everything from the checkpoint)
+        fresh = self._mode() == "reparallelization"
+        old_runs = [] if fresh else [rt for rt in self.replicas.values() if rt.index not in kept_old]
         self._install(cid, layout, keep)
         self.emit("configure", config_id=cid, config=plan.config.short() if plan.config else None,
-                  replicas={i: s for i, (_, s) in layout.items()}, kept={n: o for n, o in sorted(keep.items())})
-        asyncio.ensure_future(self._configure(cid, plan_id, idle_others=True))
+                  replicas={i: s for i, (_, s) in layout.items()}, kept={n: o for n, o in sorted(keep.items())},
+                  planned_bytes=sum(t.nbytes for t in plan.transfers), planned_disk_bytes=plan.disk_bytes,
+                  fresh=fresh)
+        asyncio.ensure_future(self._configure(cid, plan_id, idle_others=True, plan=plan, old_runs=old_runs))
 
     def load_replica(self, replica: int, shape: ParallelConfig, gpus: list[str], load_id: int,
                      seconds: float) -> None:
@@ -277,56 +300,134 @@ class LiveBackend(Backend):
             else:
                 self.replicas[i] = ReplicaRun(i, shape, slots, cid)
 
+    def _base_cfg(self) -> dict:
+        return {"store_host": self.store_host, "store_port": self.store_port,
+                **{k: v for k, v in self.engine.items() if k not in ("store_host", "store_port")}}
+
     def _position_msgs(self, cid: int, only: list[int] | None) -> dict[str, tuple[dict, dict]]:
         msgs = {}
         for rt in self.replicas.values():
             if (only is not None and rt.index not in only) or rt.config_id != cid:
                 continue
             s = rt.shape
-            cfg = {"pp": s.pp, "tp": s.tp, "micro_batches": s.micro_batches, "store_host": self.store_host,
-                   "store_port": self.store_port, **{k: v for k, v in self.engine.items() if k not in
-                                                      ("store_host", "store_port")}}
+            cfg = {"pp": s.pp, "tp": s.tp, "micro_batches": s.micro_batches, **self._base_cfg()}
             cfg["max_batch"] = max(cfg.get("max_batch", 1), s.batch)
             for rank, slot in enumerate(rt.slots):
                 msgs[slot] = (cfg, {"replica": rt.index, "stage": rank // s.tp, "shard": rank % s.tp})
         return msgs
 
-    async def _configure(self, cid: int, plan_id: int, idle_others: bool, only: list[int] | None = None) -> None:
+    def _migration(self, cid: int, only: list[int] | None, plan: ReconfigurationPlan | None,
+                   old_runs: list[ReplicaRun]) -> Migration:
+        """The migration of configuration `cid`: new replicas whose workers are all connected, the old
+        replicas that changed, KV of the parked requests the plan continues on a new replica."""
+        bs = int(self.engine.get("block_size", 16))
+        new_runs = [rt for rt in self.replicas.values() if rt.config_id == cid and (only is None or rt.index in only)
+                    and all(self.pool.alive(s) is not None for s in rt.slots)]
+        new = runs_layout(new_runs, bs)
+        old = runs_layout(old_runs, bs) if old_runs else None
+        live = [s for rt in old_runs for r, s in enumerate(rt.slots) if self.pool.alive(s) is not None
+                and self.held.get(s) == (rt.shape.pp, rt.shape.tp, r // rt.shape.tp, r % rt.shape.tp)]
+        requests = []
+        continued = plan.continued if plan is not None else {}
+        for lr in self.parked.values():
+            dst = continued.get(lr.sid)
+            if old is not None and any(lr.kv_home is rt for rt in old_runs) and dst in new.shapes:
+                requests.append(KVRequest(lr.sid, lr.kv_home.index, dst, lr.kv_tokens))
+        old_gpus = set(old.gpus()) if old is not None else set()
+        transfers = [t for t in (plan.transfers if plan is not None else [])
+                     if new.position(t.dst) is not None and (t.src is None or t.src in old_gpus)]
+        participants = sorted(set(live) | set(new.gpus()))
+        return Migration(old, new, transfers, requests, set(live), {g: k for k, g in enumerate(participants)})
+
+    async def _configure(self, cid: int, plan_id: int, idle_others: bool, only: list[int] | None = None,
+                         plan: ReconfigurationPlan | None = None, old_runs: list[ReplicaRun] = ()) -> None:
         t0 = time.monotonic()
         msgs = self._position_msgs(cid, only)
+        mig = self._migration(cid, only, plan, list(old_runs))
+        moving = {lr.sid for lr in self.parked.values() if any(lr.kv_home is rt for rt in old_runs)}
+        for sid in moving:  # the old replicas are gone: their pieces move now or are dropped
+            self._unpark(self.requests[int(sid)])
+        body_mig = migration_msg(mig.old, mig.new, mig.transfers, mig.requests, sorted(mig.live), mig.ranks)
         busy = {s for rt in self.replicas.values() if rt.config_id != cid for s in rt.slots}  # kept: untouched
-        targets = {name: msgs.get(name) for name, c in self.pool.conns.items()
-                   if c.alive and not c.is_agent and name not in busy and (name in msgs or idle_others)}
-        results: dict[str, object] = {}
+        targets = {}
+        for name, c in self.pool.conns.items():
+            if not c.alive or c.is_agent or name in busy:
+                continue
+            if name in mig.ranks:
+                m = msgs.get(name)
+                targets[name] = {"config_id": cid, "config": m[0] if m else self._base_cfg(),
+                                 "position": m[1] if m else None, "migration": body_mig}
+            elif name in msgs or idle_others:  # idle, or of a new replica that lost a worker already
+                targets[name] = {"config_id": cid, "config": {}, "position": None}
+        results: dict[str, object] = {n: WorkerLost(f"{n} is not connected") for n in msgs if n not in targets}
+        for n in msgs:
+            if n in targets and n not in mig.ranks:
+                results[n] = WorkerLost(f"{n}: a worker of its replica is not connected")
 
-        async def one(name, m):
+        async def one(name, body):
             c = self.pool.alive(name)
             try:
                 if c is None:
                     raise WorkerLost(f"{name} is not connected")
-                body = {"config_id": cid, "config": m[0] if m else {}, "position": m[1] if m else None}
-                results[name] = (await c.call("configure", body, self.command_timeout_s)).body
+                reply = (await c.call("configure", body, self.command_timeout_s)).body
+                if name not in results:
+                    results[name] = reply
+                self.held[name] = tuple(reply["holds"]) if reply.get("holds") else None
             except (WorkerLost, CommandError, asyncio.TimeoutError) as exc:
                 results[name] = exc
+                self.held.pop(name, None)  # unknown state: not a source of the next migration
 
-        missing = [n for n in msgs if n not in targets]
-        for n in missing:
-            results[n] = WorkerLost(f"{n} is not connected")
-        await asyncio.gather(*(one(n, m) for n, m in targets.items()))
-        loaded = sum(r.get("loaded_bytes", 0) for r in results.values() if isinstance(r, dict))
+        await asyncio.gather(*(one(n, b) for n, b in targets.items()))
+        ok = {n: r for n, r in results.items() if isinstance(r, dict)}
         for rt in self.replicas.values():
             if rt.config_id != cid:
                 continue
             errs = [f"{s}: {results.get(s)}" for s in rt.slots if not isinstance(results.get(s), dict)]
             rt.failed = "; ".join(errs)[:500] or None
-            rt.ready.set()
+        summary = self._settle_migration(cid, mig, ok)
+        for rt in self.replicas.values():
+            if rt.config_id == cid:
+                rt.ready.set()
         secs = time.monotonic() - t0
-        self.emit("configured", config_id=cid, seconds=round(secs, 4), loaded_bytes=loaded,
-                  failed=[n for n, r in results.items() if not isinstance(r, dict)])
+        summary.update(config_id=cid, seconds=round(secs, 4),
+                       planned_bytes=sum(t.nbytes for t in plan.transfers) if plan is not None else 0,
+                       planned_disk_bytes=plan.disk_bytes if plan is not None else 0,
+                       failed=sorted(n for n, r in results.items() if not isinstance(r, dict)
+                                     and (n in msgs or n in mig.ranks)))  # an idle worker's failure changes nothing
+        self.migrations.append(summary)
+        self.emit("configured", **summary)
         if self.metrics:
             self.metrics.migration_seconds.inc(secs)
-            self.metrics.disk_bytes.inc(loaded)
+            self.metrics.disk_bytes.inc(summary["loaded_bytes"])
+            self.metrics.migration_bytes.inc(summary["received_bytes"])
         self.plans_done += 1
         if self.on_configured is not None:
             self.on_configured(cid, secs)
         self.controller.on_plan_done(plan_id)
+
+    def _settle_migration(self, cid: int, mig: Migration, ok: dict[str, dict]) -> dict:
+        """Where each moved KV cache now lives, and the executor's figures summed over workers."""
+        lost = sorted({rid for r in ok.values() for rid in r.get("lost_kv", [])})
+        moved = []
+        for req in mig.requests:
+            lr = self.requests[int(req.request_id)]
+            rt = self.replicas.get(req.new_replica)
+            if (rt is not None and rt.config_id == cid and rt.failed is None and req.request_id not in lost
+                    and all(req.request_id in ok[s].get("kv_held", []) for s in rt.slots)):
+                lr.kv_home, lr.kv_tokens = rt, req.num_tokens
+                lr.kv_moved_bytes += sum(r.get("kv_in", {}).get(req.request_id, 0) for r in ok.values())
+                self.parked[lr.rid] = lr
+                moved.append(req.request_id)
+        stats = [r["migration"] for r in ok.values() if "migration" in r]
+        total = {k: sum(s[k] for s in stats) for k in ("sent_bytes", "received_bytes", "local_bytes",
+                                                       "checkpoint_bytes")}
+        return {"loaded_bytes": sum(r.get("loaded_bytes", 0) for r in ok.values()), **total,
+                "kv_bytes": sum(sum(r.get("kv_in", {}).values()) for r in ok.values()),
+                "executor_s": max((s["seconds"] for s in stats), default=0.0),
+                "prepare_s": max((s["prepare_seconds"] for s in stats), default=0.0),
+                "group_s": max((s["group_seconds"] for s in stats), default=0.0),
+                "participants": len(mig.ranks), "old": mig.old is not None, "live": sorted(mig.live),
+                "kv_requests": len(mig.requests), "kv_moved": moved, "lost_kv": lost,
+                "workers": {n: {k: r["migration"][k] for k in ("sent_bytes", "received_bytes", "checkpoint_bytes",
+                                                                 "seconds")} for n, r in sorted(ok.items())
+                            if "migration" in r}}

@@ -1,72 +1,83 @@
 """Measure the cost-model profile through the live path itself: real worker processes, driven step by step.
 
 profile.py times a lone in-process engine; a live step also pays the controller round trip, the
-message encoding and gloo collectives between processes, which on a small model dominate. Here a
-few workers are started, configured as (pp, tp) in {(1,1), (1,2), (2,1)} and timed from the
-controller for each batch size: prefill step and decode step. Per-layer times are the step times
-/ layers (all overheads folded in, as the cost model only knows layers); the pipeline hop is what
-pp=2 adds over pp=1, split over its hops. Output: the profile JSON of spotserve.planner.profiles.
+message encoding and gloo collectives between processes, which on a small model dominate. Here
+two workers are started, configured as (pp, tp) in {(1,1), (1,2), (2,1)} and timed from the
+controller for each batch size as the live backend drives a batch: the add_requests round trip
+and the prefill step, then decode steps whose tokens are committed to a StateStore. Each batch
+size gets a warm-up run (discarded) and then `reps` runs; the profile takes the median over runs
+of the prefill and of the mean decode step. A request's latency is a sum of many steps, so the
+mean step (jitter included) is what the simulator must reproduce; the median over runs keeps
+one run disturbed by another process from moving it. Per-layer times are the step times / layers
+(all overheads folded in, as the cost model only knows layers); the pipeline hop is what pp=2
+adds over pp=1, split over its hops. Output: the profile JSON of spotserve.planner.profiles, with
+a "measured" record (method, model, slots per instance) that `python -m spotserve.live` uses to
+reuse a cached profile.
 
     python -m spotserve.live.calibrate --model-dir DIR --out profile.json
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import secrets
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from spotserve.live.launcher import LocalLauncher
 from spotserve.live.pool import WorkerPool
-from spotserve.live.profile import BATCHES, measure
+from spotserve.live.profile import BATCHES, base_profile, profile_cli
 from spotserve.live.state import StateStore
 
 LAYOUTS = ((1, 1), (1, 2), (2, 1))
+METHOD = "live-path"
 
 
-async def _time_layout(conns, cid, pp, tp, store_port, batch, prompt_len, steps, vocab,
-                       state=None) -> tuple[float, float]:
-    """(prefill s, decode step s) of a batch, as the live backend pays them: the add_requests round
-    trip in the prefill, and each step's tokens committed to a StateStore (`state`) in the step."""
+async def _time_batch(use, cid: int, sampler: int, batch: int, prompt_len: int, steps: int, vocab: int,
+                      state, tag: str) -> tuple[float, float]:
+    """(prefill s, mean decode step s) of one batch, as the live backend pays them: the add_requests
+    round trip in the prefill, and each step's tokens committed to the StateStore `state`."""
+    reqs = [{"id": f"{tag}-{i}", "prompt": [(5 * i + k) % vocab for k in range(prompt_len)], "output": [],
+             "params": {"max_new_tokens": steps + 1}} for i in range(batch)]
+    for r in reqs:
+        state.add(r["id"], r["prompt"], r["params"])
+    t0 = time.perf_counter()
+    await asyncio.gather(*(c.call("add_requests", {"requests": reqs}) for c in use))
+    _commit(state, (await asyncio.gather(*(c.call("step", {"config_id": cid, "step": 0}) for c in use)))[sampler], 0)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for s in range(steps):
+        got = await asyncio.gather(*(c.call("step", {"config_id": cid, "step": s + 1}) for c in use))
+        _commit(state, got[sampler], s + 1)
+    return prefill, (time.perf_counter() - t0) / steps
+
+
+async def _time_layout(conns, cid: int, pp: int, tp: int, store_port: int, prompt_len: int, steps: int, reps: int,
+                       vocab: int, state) -> dict[int, tuple[float, float]]:
+    """Batch size -> (prefill s, decode step s) on one replica of (pp, tp)."""
     cfg = {"pp": pp, "tp": tp, "store_host": "127.0.0.1", "store_port": store_port, "block_size": 8,
            "num_blocks": 256, "max_batch": max(BATCHES), "timeout_s": 30.0}
     use = conns[:pp * tp]
     await asyncio.gather(*(c.call("configure", {"config_id": cid, "config": cfg, "position":
                                                 {"replica": 0, "stage": r // tp, "shard": r % tp}}, 120)
                            for r, c in enumerate(use)))
-    best_p, best_d = float("inf"), float("inf")
-    for rep in range(2):
-        reqs = [{"id": f"{cid}-{rep}-{i}", "prompt": [(5 * i + k) % vocab for k in range(prompt_len)], "output": [],
-                 "params": {"max_new_tokens": steps + 1}} for i in range(batch)]
-        sampler = (pp - 1) * tp  # first shard of the last stage returns the tokens
-        if state is not None:
-            for r in reqs:
-                state.add(r["id"], r["prompt"], r["params"])
-        t0 = time.perf_counter()
-        await asyncio.gather(*(c.call("add_requests", {"requests": reqs}) for c in use))
-        _commit(state, (await asyncio.gather(*(c.call("step", {"config_id": cid, "step": 0}) for c in use)))[sampler],
-                0)
-        best_p = min(best_p, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for s in range(steps):
-            got = await asyncio.gather(*(c.call("step", {"config_id": cid, "step": s + 1}) for c in use))
-            _commit(state, got[sampler], s + 1)
-        best_d = min(best_d, (time.perf_counter() - t0) / steps)
-    return best_p, best_d
+    sampler = (pp - 1) * tp  # first shard of the last stage returns the tokens
+    out = {}
+    for b in BATCHES:
+        runs = [await _time_batch(use, cid, sampler, b, prompt_len, steps, vocab, state, f"{cid}-{b}-{rep}")
+                for rep in range(reps + 1)][1:]  # the first run warms caches and allocators up
+        out[b] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+    return out
 
 
 def _commit(state, reply, index: int) -> None:
-    if state is None:
-        return
     with state.transaction():
         for sid, tok in reply.body["tokens"].items():
             state.commit(sid, index, [int(tok)])
 
 
-async def _measure(model_dir: str, prompt_len: int, steps: int) -> dict:
+async def _measure(model_dir: str, prompt_len: int, steps: int, reps: int) -> tuple[dict, object]:
     import torch.distributed as dist
 
     from spotserve.models.loader import CheckpointReader
@@ -78,54 +89,80 @@ async def _measure(model_dir: str, prompt_len: int, steps: int) -> dict:
     pool = WorkerPool(token, heartbeat_timeout_s=10.0)
     port = await pool.start()
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    launcher = LocalLauncher(f"127.0.0.1:{port}", run / "token", model_dir, run / "logs")
+    launcher = LocalLauncher(f"127.0.0.1:{port}", run / "token", model_dir, run / "logs", reconnect_s=0.0)
     state = StateStore(run / "state.sqlite")
     try:
         conns = await pool.wait_for(launcher.spawn("cal", 2), 180)
-        times, cid = {}, 0
-        for pp, tp in LAYOUTS:
+        times = {}
+        for cid, (pp, tp) in enumerate(LAYOUTS, start=1):
             if not spec.valid_tp(tp) or pp > spec.num_layers:
                 continue
-            for b in BATCHES:
-                cid += 1
-                times[(pp, tp, b)] = await _time_layout(conns, cid, pp, tp, store.port, b, prompt_len, steps,
-                                                        spec.vocab, state)
-        return {"times": times, "spec": spec}
+            for b, t in (await _time_layout(conns, cid, pp, tp, store.port, prompt_len, steps, reps, spec.vocab,
+                                            state)).items():
+                times[(pp, tp, b)] = t
+        return times, spec
     finally:
         launcher.close()
         await pool.close()
         state.close()
 
 
-def measure_live(model_dir: str, prompt_len: int = 16, steps: int = 6, gpus_per_instance: int = 2) -> dict:
-    """The live-path profile of `model_dir` on this machine (starts two worker processes)."""
-    got = asyncio.run(_measure(model_dir, prompt_len, steps))
-    times, spec = got["times"], got["spec"]
+async def measure_live_async(model_dir: str, prompt_len: int = 16, steps: int = 8, reps: int = 4,
+                             gpus_per_instance: int = 2) -> dict:
+    """The live-path profile of `model_dir` on this machine (starts two worker processes); for callers
+    inside a running event loop (the live CLI). Raises TimeoutError if the workers do not connect."""
+    times, spec = await _measure(model_dir, prompt_len, steps, reps)
     L = spec.num_layers
-    prof = measure(model_dir, prompt_len, steps=4, tps=(1,), gpus_per_instance=gpus_per_instance)
+    prof = await asyncio.to_thread(base_profile, model_dir, prompt_len, gpus_per_instance=gpus_per_instance)
     prof["name"] = f"live-path-{spec.name}"
-    prof.pop("derived", None)
+    prof["measured"] = measured_key(model_dir, gpus_per_instance, prompt_len)
     for tp in sorted({tp for pp, tp, _ in times if pp == 1}):
         prof[f"tp-{tp}"] = {f"bsz-{b}": {"init": times[(1, tp, b)][0] / L * 1e3, "incr": times[(1, tp, b)][1] / L * 1e3}
                             for b in BATCHES}
     if all((2, 1, b) in times for b in BATCHES):
         # pp=2 adds (per the cost model) 2 decode hops and 1 prefill hop over pp=1
-        prof["pp_incr_comm"] = max(0.0, min((times[(2, 1, b)][1] - times[(1, 1, b)][1]) / 2 for b in BATCHES)) * 1e3
-        prof["pp_init_comm"] = max(0.0, min(times[(2, 1, b)][0] - times[(1, 1, b)][0] for b in BATCHES)) * 1e3
+        prof["pp_incr_comm"] = max(0.0, statistics.median((times[(2, 1, b)][1] - times[(1, 1, b)][1]) / 2
+                                                          for b in BATCHES)) * 1e3
+        prof["pp_init_comm"] = max(0.0, statistics.median(times[(2, 1, b)][0] - times[(1, 1, b)][0]
+                                                          for b in BATCHES)) * 1e3
     return prof
 
 
+def measure_live(model_dir: str, prompt_len: int = 16, steps: int = 8, reps: int = 4,
+                 gpus_per_instance: int = 2) -> dict:
+    """measure_live_async for callers without a running event loop."""
+    return asyncio.run(measure_live_async(model_dir, prompt_len, steps, reps, gpus_per_instance))
+
+
+def measured_key(model_dir: str, gpus_per_instance: int, prompt_len: int) -> dict:
+    """What a live-path profile was measured for; a cached profile is reused only for the same key."""
+    return {"method": METHOD, "model_dir": str(Path(model_dir).resolve()), "gpus_per_instance": gpus_per_instance,
+            "prompt_len": prompt_len}
+
+
+async def cached_profile(model_dir: str, run_dir: str | Path, gpus_per_instance: int = 2, prompt_len: int = 16,
+                         say=print) -> str:
+    """Path of RUN_DIR/profile.json, measured through the live path now unless the file there was
+    measured for the same model, slots per instance and prompt length (a restarted service reuses it,
+    so it plans with the same profile)."""
+    import json
+
+    path = Path(run_dir) / "profile.json"
+    key = measured_key(model_dir, gpus_per_instance, prompt_len)
+    if path.is_file():
+        try:
+            if json.loads(path.read_text()).get("measured") == key:
+                return str(path)
+        except ValueError:
+            pass  # unreadable: measured again
+    say(f"measuring the live-path profile of {Path(model_dir).name} on this machine (2 worker processes)...")
+    prof = await measure_live_async(model_dir, prompt_len, gpus_per_instance=gpus_per_instance)
+    path.write_text(json.dumps(prof, indent=1))
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--gpus-per-instance", type=int, default=2)
-    args = ap.parse_args(argv)
-    prof = measure_live(args.model_dir, args.prompt_len, gpus_per_instance=args.gpus_per_instance)
-    Path(args.out).write_text(json.dumps(prof, indent=1))
-    print(f"wrote {args.out}: decode step {prof['tp-1']['bsz-1']['incr'] * prof['layer_num']:.2f} ms at batch 1 "
-          f"(tp 1), pipeline hop {prof['pp_incr_comm']:.2f} ms")
+    profile_cli(argv, measure_live, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import shutil
 import signal
@@ -106,7 +105,7 @@ def _term(signum, frame):
 
 
 def _demo(root: Path, say, n_requests: int, timeout_s: float) -> list[dict]:
-    from spotserve.live.calibrate import measure_live
+    from spotserve.live.calibrate import cached_profile
     from spotserve.models import get_spec
     from spotserve.models.checkpoint import write_random_checkpoint
 
@@ -114,10 +113,7 @@ def _demo(root: Path, say, n_requests: int, timeout_s: float) -> list[dict]:
     model = root / "opt-tiny"
     if not (model / "config.json").is_file():
         write_random_checkpoint(get_spec("opt-tiny"), model, seed=0, dtype="fp32")
-    profile = root / "profile.json"
-    if not profile.is_file():
-        say("measuring the live-path profile on this machine (2 worker processes)...")
-        profile.write_text(json.dumps(measure_live(str(model))))
+    profile = asyncio.run(cached_profile(str(model), root, gpus_per_instance=2, say=say))
     rng = random.Random(0)
     reqs = [([rng.randrange(160) for _ in range(rng.randint(4, 12))], rng.randint(40, 80)) for _ in range(n_requests)]
     want = _reference(str(model), reqs)

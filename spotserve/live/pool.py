@@ -27,8 +27,11 @@ class WorkerConn:
     """One connected worker."""
 
     def __init__(self, name: str, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 token: bytes):
+                 token: bytes, hello: dict | None = None):
         self.name, self.pid = name, pid
+        # the hello's body: a worker that reconnects after losing a controller says what it holds
+        # (resumed, config_id, holds, position, host; see worker.hello_body), an agent its instances
+        self.hello = dict(hello or {})
         self.instance = name.rsplit("/", 1)[0]
         self.reader, self.writer, self.token = reader, writer, token
         self.last_seen = time.monotonic()
@@ -36,6 +39,11 @@ class WorkerConn:
         self.lost_why = ""
         self._seq = 0
         self._pending: dict[int, asyncio.Future] = {}
+
+    @property
+    def resumed(self) -> bool:
+        """Whether it connected again after losing a controller (a candidate for adoption)."""
+        return bool(self.hello.get("resumed"))
 
     @property
     def is_agent(self) -> bool:
@@ -117,7 +125,7 @@ class WorkerPool:
             self.rejected += 1
             writer.close()
             return
-        conn = WorkerConn(hello.body["worker"], hello.body["pid"], reader, writer, self.token)
+        conn = WorkerConn(hello.body["worker"], hello.body["pid"], reader, writer, self.token, hello.body)
         old = self.conns.get(conn.name)
         if old is not None and old.alive:
             old._fail("replaced by a new connection with the same name")

@@ -5,7 +5,10 @@ machine it runs on, not a T4. This measures, in one process, the engine's prefil
 time per layer at several batch sizes (tp = 1; a tp > 1 entry is derived from the tp = 1 one
 plus a measured loopback round trip per all-reduce, marked as derived in the file), the loopback
 throughput the controller relays KV over and the warm checkpoint read speed, and writes the
-profile JSON format of spotserve.planner.profiles (ms per layer).
+profile JSON format of spotserve.planner.profiles (ms per layer). It is optimistic for tp > 1 and
+misses the controller round trip of every step: `python -m spotserve.live` and the experiment
+driver use live/calibrate.py's measurement through the live path instead; this one is quick and
+serves tests and machines where worker processes cannot be started.
 
     python -m spotserve.live.profile --model-dir DIR --out profile.json
 """
@@ -90,17 +93,16 @@ def _disk_read(model_dir: str) -> float:
     return total / max(time.perf_counter() - t0, 1e-6)
 
 
-def measure(model_dir: str, prompt_len: int = 16, steps: int = 8, tps: tuple[int, ...] = (1, 2),
-            slot_memory_bytes: int = 256 << 20, gpus_per_instance: int = 2) -> dict:
-    """Measure the profile of `model_dir` on this machine; returns the profile JSON object."""
+def base_profile(model_dir: str, prompt_len: int = 16, slot_memory_bytes: int = 256 << 20,
+                 gpus_per_instance: int = 2) -> dict:
+    """The machine part of a live profile of `model_dir`, without step times: model shape, a
+    pipeline hop (one loopback round trip), the KV relay and checkpoint read bandwidths."""
     from spotserve.models.loader import CheckpointReader
 
     spec = CheckpointReader(model_dir).spec
-    L = spec.num_layers
-    times = {b: _engine_times(model_dir, b, prompt_len, steps) for b in BATCHES}
     bw, rtt = _loopback()
-    prof: dict = {
-        "name": f"live-cpu-{spec.name}", "model": spec.name, "layer_num": L, "dtype": "fp32",
+    return {
+        "name": f"live-cpu-{spec.name}", "model": spec.name, "layer_num": spec.num_layers, "dtype": "fp32",
         "init_tokens": prompt_len, "final_fix_factor": 1.0, "embed": [],
         # a pipeline hop: one loopback message each way inside gloo
         "pp_init_comm": rtt * 1e3, "pp_incr_comm": rtt * 1e3,
@@ -109,8 +111,20 @@ def measure(model_dir: str, prompt_len: int = 16, steps: int = 8, tps: tuple[int
         # KV is relayed through the controller: two loopback hops
         "bandwidth": {"intra_bytes_per_s": bw / 2, "inter_bytes_per_s": bw / 2,
                       "disk_bytes_per_s": _disk_read(model_dir)},
-        "derived": {},
     }
+
+
+def measure(model_dir: str, prompt_len: int = 16, steps: int = 8, tps: tuple[int, ...] = (1, 2),
+            slot_memory_bytes: int = 256 << 20, gpus_per_instance: int = 2) -> dict:
+    """Measure the profile of `model_dir` on this machine in one process; returns the profile JSON object."""
+    from spotserve.models.loader import CheckpointReader
+
+    spec = CheckpointReader(model_dir).spec
+    L = spec.num_layers
+    times = {b: _engine_times(model_dir, b, prompt_len, steps) for b in BATCHES}
+    prof = base_profile(model_dir, prompt_len, slot_memory_bytes, gpus_per_instance)
+    prof["derived"] = {}
+    rtt = prof["pp_incr_comm"] / 1e3
     for tp in tps:
         if not spec.valid_tp(tp):
             continue
@@ -125,16 +139,23 @@ def measure(model_dir: str, prompt_len: int = 16, steps: int = 8, tps: tuple[int
     return prof
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def profile_cli(argv: list[str] | None, measure_fn, description: str) -> None:
+    """The command line shared by this module and live/calibrate.py: measure, write --out, print a line.
+    `measure_fn(model_dir, prompt_len, gpus_per_instance=...)` returns the profile."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--gpus-per-instance", type=int, default=2)
     args = ap.parse_args(argv)
-    prof = measure(args.model_dir, args.prompt_len, gpus_per_instance=args.gpus_per_instance)
+    prof = measure_fn(args.model_dir, args.prompt_len, gpus_per_instance=args.gpus_per_instance)
     Path(args.out).write_text(json.dumps(prof, indent=1))
-    print(f"wrote {args.out}: decode {prof['tp-1']['bsz-1']['incr'] * prof['layer_num']:.2f} ms/step at batch 1")
+    print(f"wrote {args.out}: decode step {prof['tp-1']['bsz-1']['incr'] * prof['layer_num']:.2f} ms at batch 1 "
+          f"(tp 1), pipeline hop {prof['pp_incr_comm']:.2f} ms")
+
+
+def main(argv: list[str] | None = None) -> None:
+    profile_cli(argv, measure, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 The controller's RequestManager keeps the policy view of a request (lengths, committed count,
 state); this keeps what only the live cluster needs: prompt ids, sampling parameters, the
-committed output tokens themselves, the KV pieces parked at the controller between a stop and a
-resume, and waiters. A token is streamed only once it is committed to the StateStore; a token
+committed output tokens themselves, where its KV pieces wait between a stop and a resume (the
+workers of one replica hold them; only the token count is known here), and waiters. A token is streamed only once it is committed to the StateStore; a token
 produced again after a restart from scratch (a baseline) is checked against the committed one and
 counted as recomputed, never streamed twice.
 """
@@ -25,11 +25,12 @@ class LiveRequest:
     tokens: list[int] = field(default_factory=list)
     token_wall: list[float] = field(default_factory=list)  # wall time each token was committed
     done: bool = False
-    kv: list[bytes] | None = None  # parked KV pieces (one per old position) from the last stop
-    kv_tokens: int = 0  # committed tokens when the KV was parked
+    kv_home: object = None  # the backend's replica whose workers hold this request's KV pieces, or None
+    kv_tokens: int = 0  # cached positions of those pieces
+    kv_at: int = 0  # committed tokens when the KV was parked
     recomputed: int = 0  # tokens generated again after a restart from scratch
     reprefilled: int = 0  # prompt + committed tokens prefilled again after losing the KV
-    kv_moved_bytes: int = 0
+    kv_moved_bytes: int = 0  # KV bytes its new workers received from other workers (migration executor)
     resumes: list[dict] = field(default_factory=list)  # {"how": kv|prefill, "at": committed count}
     mismatches: int = 0  # regenerated tokens that differ from the committed ones (non-determinism)
 

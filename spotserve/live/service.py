@@ -7,7 +7,10 @@ StateStore. Availability comes from `acquire` / `notice` / `reclaim` calls (a tr
 HTTP admin endpoints or the AWS notice poller call them); a worker that dies without notice is
 detected by the pool and its whole instance is treated as reclaimed without notice. Requests come
 from `submit` (the HTTP API); a restart with the same state path resumes every unfinished request
-from its committed tokens.
+from its committed tokens. Workers outlive a lost controller for `reconnect_s`: a restart with the
+same state path listens on the same worker address with the same token, adopts the instances
+whose workers all came back (no new processes; their weights stay where they are, see adopt.py)
+and spawns the others.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from spotserve.controller.events import EventLog
 from spotserve.controller.instances import GONE, InstanceConfig, InstanceManager
 from spotserve.controller.policy import Policy
 from spotserve.controller.requests import REJECTED, RUNNING, RequestManager
+from spotserve.live.adopt import await_gone, await_slots, install_held
 from spotserve.live.backend import LiveBackend
 from spotserve.live.launcher import LocalLauncher
 from spotserve.live.metrics import Metrics
@@ -53,6 +57,8 @@ class LiveConfig:
     heartbeat_s: float = 0.2
     heartbeat_timeout_s: float = 3.0
     connect_timeout_s: float = 120.0
+    reconnect_s: float = 30.0  # workers keep their context this long after losing the controller
+    adopt_wait_s: float = 5.0  # a restart waits at most this long for the workers it had to come back
     engine: dict = field(default_factory=lambda: {"block_size": 8, "num_blocks": 128, "max_batch": 8,
                                                   "timeout_s": 10.0})
 
@@ -63,6 +69,8 @@ class LiveConfig:
             raise ValueError("LiveConfig.grace_s and rate must be >= 0")
         if not 0 < self.heartbeat_s < self.heartbeat_timeout_s:
             raise ValueError("LiveConfig: need 0 < heartbeat_s < heartbeat_timeout_s")
+        if self.reconnect_s < 0 or self.adopt_wait_s < 0:
+            raise ValueError("LiveConfig.reconnect_s and adopt_wait_s must be >= 0")
         get_approach(self.approach)
 
 
@@ -79,12 +87,20 @@ class LiveService:
         self.metrics = Metrics()
         self.store = StateStore(c.state_path or self.run_dir / "state.sqlite")
         self.requests: dict[int, LiveRequest] = {}
-        self.token = token or secrets.token_hex(32).encode()
+        # what a previous controller of this state left: its worker address, token file, instances
+        self._prev = self.store.get_meta("cluster") or {}
+        self.instances: dict[str, list[str]] = dict(self._prev.get("instances", {}))  # held -> slots
         self.token_file = self.run_dir / "token"
+        old_token = Path(self._prev.get("token_file", self.token_file))
+        if token is None and self._prev and old_token.is_file():
+            token = old_token.read_bytes().strip()  # workers that outlived it still use this one
+        self.token = token or secrets.token_hex(32).encode()
         self.token_file.write_bytes(self.token)
         self.token_file.chmod(0o600)
+        self.adopted: dict[str, dict[str, int]] = {}  # instance -> slot -> pid of workers adopted at start
         self.launcher = launcher
-        self.pool = WorkerPool(self.token, c.heartbeat_timeout_s, on_lost=self._worker_lost)
+        self.pool = WorkerPool(self.token, c.heartbeat_timeout_s, on_lost=self._worker_lost, on_hello=self._hello)
+        self._cluster: dict = {}
         self.log = EventLog()
         self._reclaiming: set[str] = set()
         self._next_id = 0
@@ -102,8 +118,18 @@ class LiveService:
         import torch.distributed as dist
 
         c = self.config
-        port = await self.pool.start(c.host, 0)
+        port = 0
+        if self._prev.get("host") == c.host:
+            try:  # the address the workers of the previous controller reconnect to
+                port = await self.pool.start(c.host, int(self._prev["port"]))
+            except OSError as exc:
+                log.warning("worker port %s of the previous controller is taken (%s): its workers cannot "
+                            "come back", self._prev.get("port"), exc)
+        if not port:
+            port = await self.pool.start(c.host, 0)
         self.address = f"{c.host}:{port}"
+        self._cluster = {"host": c.host, "port": port, "token_file": str(self.token_file.resolve())}
+        self._save_instances()
         self._tcpstore = dist.TCPStore(c.host, 0, is_master=True, wait_for_workers=False)
         return self.address
 
@@ -121,7 +147,7 @@ class LiveService:
             self.launcher = AgentLauncher(self.pool, names)
         if self.launcher is None:
             self.launcher = LocalLauncher(self.address, self.token_file, c.model_dir, self.run_dir / "logs",
-                                          c.heartbeat_s)
+                                          c.heartbeat_s, reconnect_s=c.reconnect_s)
         cost = CostModel.from_profile(c.profile, spec=self.spec, workload=Workload(c.prompt_len, c.output_len))
         self.policy = Policy(cost)
         inst_cfg = InstanceConfig(gpus_per_instance=c.gpus_per_instance, gpu_memory_bytes=cost.gpu_memory_bytes,
@@ -136,17 +162,68 @@ class LiveService:
         self.backend.on_configured = self._on_configured
         self.backend.attach(self.controller)
         self._restore()
+        adopted = await self._adopt(instances)
         self.started = True
         # the start set joins together, so the first plan sees all of it
-        await asyncio.gather(*(self.acquire(name, join=False) for name in instances))
+        await asyncio.gather(*(self.acquire(name, join=False) for name in instances if name not in adopted))
         for name in instances:
             self.controller.on_instance_added(name)
 
     async def close(self) -> None:
+        """Stop for good: every worker is killed (a restart spawns new ones; only a controller that
+        dies without closing leaves workers to adopt)."""
         if self.launcher is not None:
             self.launcher.close()
+            self.instances.clear()
+            if self._cluster:
+                self._save_instances()
         await self.pool.close()
         self.store.close()
+
+    async def _adopt(self, instances: list[str]) -> set[str]:
+        """Adopt the instances of `instances` whose workers all came back after a controller restart;
+        kill the rest of the previous controller's workers. Returns the adopted instance names."""
+        prev = dict(self.instances)
+        if not prev:
+            return set()
+        want = [s for n in instances for s in prev.get(n, [])]
+        await await_slots(self.pool, want, self.config.adopt_wait_s if want else 0.0)
+        adopted, conns, doomed = set(), [], []
+        for name, slots in prev.items():
+            back = [c for c in (self.pool.alive(s) for s in slots) if c is not None and c.resumed]
+            if back:
+                self.launcher.adopt(name, {c.name: c.pid for c in back}, back[0].hello.get("host"))
+            if name in instances and len(back) == len(slots) == self.config.gpus_per_instance:
+                adopted.add(name)
+                conns += back
+                self.adopted[name] = {c.name: c.pid for c in back}
+                continue
+            if back:  # an instance that lost a worker meanwhile, or one the restart does not serve
+                self.launcher.kill(name)
+                doomed += [c.name for c in back]
+            del self.instances[name]
+        await await_gone(self.pool, doomed)
+        held = install_held(self.backend, conns)
+        for name in sorted(adopted):
+            self.backend.emit("adopted", instance=name, pids=self.adopted[name])
+        self.backend.emit("restart", adopted=sorted(adopted), held_replicas=held, killed=sorted(doomed),
+                          config_id=self.backend.config_id)
+        self._save_instances()
+        return adopted
+
+    def _hello(self, conn: WorkerConn) -> None:
+        """A worker of the previous controller that came back too late (or for an instance this one does
+        not hold) is told to shut down; it is nobody's."""
+        if self.started and conn.resumed and not conn.is_agent and conn.instance not in self.instances:
+            async def stop():
+                try:
+                    await conn.call("shutdown", {}, 5.0)
+                except Exception:  # gone already
+                    pass
+            asyncio.ensure_future(stop())
+
+    def _save_instances(self) -> None:
+        self.store.set_meta("cluster", {**self._cluster, "instances": self.instances})
 
     def _restore(self) -> None:
         """Re-queue every unfinished request of the state store with its committed tokens."""
@@ -231,6 +308,8 @@ class LiveService:
         (join=False: the caller hands it over)."""
         t0 = time.monotonic()
         names = self.launcher.spawn(name, self.config.gpus_per_instance)
+        self.instances[name] = list(names)
+        self._save_instances()
         await self.pool.wait_for(names, self.config.connect_timeout_s)
         self.backend.emit("acquired", instance=name, seconds=round(time.monotonic() - t0, 3))
         if join:
@@ -258,10 +337,15 @@ class LiveService:
             return
         self._reclaiming.add(name)
         pids = self.launcher.kill(name)
+        self._forget(name)
         self.metrics.preemptions.labels("notice" if name in self._noticed else "none").inc()
         self.backend.emit("reclaim", instance=name, killed=pids)
         self._mark_lost(name)
         self.controller.on_reclaim(name)
+
+    def _forget(self, name: str) -> None:
+        if self.instances.pop(name, None) is not None:
+            self._save_instances()
 
     def _mark_lost(self, name: str) -> None:
         now = self.backend.now()
@@ -282,6 +366,7 @@ class LiveService:
             return
         self._reclaiming.add(name)
         pids = self.launcher.kill(name)
+        self._forget(name)
         self.metrics.preemptions.labels("none").inc()
         self.backend.emit("reclaim", instance=name, killed=pids, notice=False)
         self._mark_lost(name)

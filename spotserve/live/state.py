@@ -1,8 +1,10 @@
 """The controller's durable state: requests and their committed tokens in SQLite (WAL mode).
 
 A controller killed and restarted with the same path reloads every unfinished request with the
-tokens committed so far and resumes it; nothing else is persisted (the cluster layout is
-re-derived from the workers). Commits are idempotent: re-committing a token at an index that
+tokens committed so far and resumes it. Besides requests, a small key/value table (`meta`, JSON
+values) keeps what a restarted controller needs to adopt the workers that outlived it: the worker
+server's address, the token file, and the instances held with their slots (the layout itself is
+re-derived from what the workers say at hello). Commits are idempotent: re-committing a token at an index that
 already holds the same token is a no-op, a different token is an error (it would mean two
 workers disagree about a greedy sequence).
 """
@@ -26,6 +28,10 @@ CREATE TABLE IF NOT EXISTS requests (
     reason TEXT,                   -- why a request was rejected or how it finished
     arrived_at REAL NOT NULL,
     finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL            -- JSON
 );
 """
 STATUSES = ("queued", "running", "completed", "rejected")
@@ -114,6 +120,18 @@ class StateStore:
                                    (status, reason, time.time(), rid))
             if cur.rowcount == 0:
                 raise KeyError(f"unknown request {rid!r}")
+
+    def set_meta(self, key: str, value) -> None:
+        """Store a JSON-serialisable value under `key` (replacing any earlier one)."""
+        with self._lock:
+            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                             "value=excluded.value", (key, json.dumps(value)))
+
+    def get_meta(self, key: str, default=None):
+        """The value stored under `key`, or `default`."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
 
     def get(self, rid: str) -> StoredRequest:
         with self._lock:

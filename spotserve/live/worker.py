@@ -3,13 +3,17 @@
     python -m spotserve.live.worker --connect HOST:PORT --token-file F --name INSTANCE/gK --model-dir DIR
 
 It connects to the controller, says hello, heartbeats from a thread and executes commands in
-order, replying to each with the command's seq: `configure` (join the process group of its
-replica for a config id and build the engine; weights kept when the position's slice is
-unchanged, else read slice by slice from the checkpoint), `add_requests` (resume requests from
-committed tokens, with their KV pieces when the controller kept them), `step`, `export` (hand this
-worker's KV piece of requests back), `release`, `shutdown`. Process groups are fresh per config id
-and replica: a gloo group over a TCPStore hosted by the controller, key prefix c<id>/r<replica>/.
-When the controller goes away the worker exits.
+order, replying to each with the command's seq: `configure` (with a migration map: run the
+migration executor with the other participants, then join the process group of its new replica
+and build the engine from the migrated weights; see live/migrate.py), `add_requests` (resume
+requests from committed tokens; "kv_local" ones import the KV piece this worker holds), `step`,
+`export` (park this worker's KV pieces of requests here, out of the engine, and reply their token
+counts only), `release`, `shutdown`. Process groups are fresh per config id: the migration group
+over the participants (key prefix m<id>/) and the replica's group (c<id>/r<replica>/), over a
+TCPStore hosted by the controller; gloo on CPU, NCCL on GPU (cfg "device": "cuda", one GPU per
+slot: INSTANCE/gK uses cuda:K). When the controller goes away the worker keeps its context and
+reconnects for --reconnect-s seconds, saying hello again with what it holds (a restarted controller
+adopts it); then it exits.
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ import socket
 import sys
 import threading
 import time
-from datetime import timedelta
 
 from spotserve.live import protocol as P
 
@@ -39,52 +42,34 @@ class Worker:
         self.weights = None
         self.spec = None
         self.loaded_bytes = 0  # bytes read from the checkpoint, all configs together
+        self.kv_local: dict = {}  # request id -> RequestKV held here (parked at a stop, or migrated in)
+        self.device = "cpu"
 
     # --- wire --------------------------------------------------------------------------------
     def send(self, mtype: str, body: dict, seq: int = 0) -> None:
         with self._send_lock:
             P.send(self.sock, P.Message(mtype, body, seq), self.token)
 
-    def _beat(self) -> None:
-        while True:
-            time.sleep(self.heartbeat_s)
-            try:
-                self.send("ping", {})
-            except OSError:
-                return
-
     def warm_up(self) -> None:
-        """Import torch and the engine and read the checkpoint's spec, so the slot is ready at hello."""
-        import torch  # noqa: F401
-
-        from spotserve.engine import engine  # noqa: F401
+        """Import torch, the engine and the migration executor (preload) and read the checkpoint's spec,
+        so the slot is ready at hello (a first migration then waits for no import)."""
         from spotserve.models.loader import CheckpointReader
 
+        preload()
         self.spec = CheckpointReader(self.model_dir).spec
 
-    def serve(self) -> None:
-        """Hello, then execute commands until shutdown or the controller disconnects."""
+    def serve(self, address: tuple[str, int] | None = None, reconnect_s: float = 0.0) -> None:
+        """Hello, then execute commands until shutdown. When the controller goes away the worker keeps
+        its process and context (weights, parked KV) and reconnects to `address` for up to
+        `reconnect_s` seconds, saying hello again with what it holds (see serve_sessions); past that,
+        or with reconnect_s 0, it returns."""
         self.warm_up()
-        self.send("hello", {"worker": self.name, "pid": os.getpid()})
-        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
-        while True:
-            try:
-                msg = P.recv(self.sock, self.token)
-            except (ConnectionError, OSError):
-                return
-            if msg.type == "shutdown":
-                self.send("ok", {}, msg.seq)
-                return
-            try:
-                mtype, body = self.handle(msg)
-            except Exception as exc:  # a failed command is reported, the worker stays up for the next config
-                mtype, body = "error", {"message": f"{self.name}: {type(exc).__name__}: {exc}"[:2000]}
-            self.send(mtype, body, msg.seq)
+        serve_sessions(self, address, reconnect_s)
 
     def handle(self, msg: P.Message) -> tuple[str, dict]:
         b = msg.body
         if msg.type == "configure":
-            return "ok", self.configure(b["config_id"], b["config"], b["position"])
+            return "ok", self.configure(b["config_id"], b["config"], b["position"], b.get("migration"))
         if self.engine is None and msg.type in ("add_requests", "step", "export"):
             raise RuntimeError(f"{msg.type} before configure")
         if msg.type == "add_requests":
@@ -94,7 +79,7 @@ class Worker:
             tokens = self.engine.step()
             return "tokens", {"config_id": self.config_id, "step": b["step"], "tokens": tokens}
         if msg.type == "export":
-            return "kv", {"pieces": self.export(b["ids"], b["release"])}
+            return "kv", {"pieces": {}, "parked": self.park(b["ids"], b["release"])}
         if msg.type == "release":
             for rid in b["ids"]:
                 if self.engine is not None and rid in self.engine.scheduler.seqs:
@@ -106,91 +91,189 @@ class Worker:
 
     # --- configuration -----------------------------------------------------------------------
     def _leave_group(self) -> None:
-        import torch.distributed as dist
+        from spotserve.live.migrate import leave_group
 
         if self.world is not None and self.world.watch is not None:
             self.world.watch.stop()
         self.world = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group()
 
-    def configure(self, config_id: int, cfg: dict, pos: dict | None) -> dict:
-        """Build the engine of `pos` in `cfg` (idempotent per config id); position None: go idle."""
-        from spotserve.engine.config import EngineConfig
-        from spotserve.engine.dist import DistContext, PeerWatch, World, make_contexts
-        from spotserve.engine.engine import Engine
+    def _holds(self) -> list | None:
+        return list(self.layout) if self.layout is not None else None
+
+    def _drop_context(self) -> None:
+        self.weights, self.layout, self.kv_local = None, None, {}
+
+    def configure(self, config_id: int, cfg: dict, pos: dict | None, migration: dict | None = None) -> dict:
+        """Build the engine of `pos` in `cfg` (idempotent per config id); position None: go idle.
+
+        With `migration` (live/migrate.py's map) the weights and KV pieces come from the migration
+        executor run with every participant; without it (a controller that plans no migration) the
+        weights are kept when the position's slice is unchanged, else read from the checkpoint.
+        Returns what was done: bytes read from the checkpoint, executor stats, lost and held KV.
+        """
+        from spotserve.live.migrate import device_of
         from spotserve.models.loader import CheckpointReader, load_shard
 
         if config_id == self.config_id:
-            return {"reused": True, "loaded_bytes": 0, "load_s": 0.0}
+            return {"reused": True, "loaded_bytes": 0, "load_s": 0.0, "holds": self._holds()}
         t0 = time.perf_counter()
         self.engine, self.ctx = None, None
         self._leave_group()
         self.config_id = config_id
-        if pos is None:
-            return {"reused": False, "loaded_bytes": 0, "load_s": 0.0}
-        import torch
-        import torch.distributed as dist
-
-        pp, tp, stage, shard, replica = cfg["pp"], cfg["tp"], pos["stage"], pos["shard"], pos["replica"]
-        timeout = float(cfg.get("timeout_s", 10.0))
         if self.spec is None:
             self.spec = CheckpointReader(self.model_dir).spec
-        layout = (pp, tp, stage, shard)
+        if cfg:
+            self.device = device_of(self.name, cfg)
+            if self.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.set_device(torch.device(self.device))  # NCCL groups use the current device
+        if migration is not None:
+            return self._migrate(config_id, cfg, pos, migration, t0)
+        self.kv_local = {}
+        if pos is None:
+            self._drop_context()
+            return {"reused": False, "loaded_bytes": 0, "load_s": 0.0, "holds": None}
+        layout = (cfg["pp"], cfg["tp"], pos["stage"], pos["shard"])
         loaded = 0
         if layout != self.layout:
             self.weights = None  # drop the old slices before reading the new ones
-            self.weights = load_shard(self.model_dir, pp, stage, tp, shard, dtype=cfg.get("dtype", "fp32"))
+            self.weights = {k: v.to(self.device) for k, v in load_shard(
+                self.model_dir, cfg["pp"], pos["stage"], cfg["tp"], pos["shard"], dtype=cfg.get("dtype", "fp32")).items()}
             loaded = sum(t.numel() * t.element_size() for t in self.weights.values())
             self.loaded_bytes += loaded
             self.layout = layout
+        self._start_engine(config_id, cfg, pos)
+        return {"reused": loaded == 0, "loaded_bytes": loaded, "load_s": time.perf_counter() - t0,
+                "holds": self._holds()}
+
+    def _migrate(self, config_id: int, cfg: dict, pos: dict | None, msg: dict, t0: float) -> dict:
+        """Run this worker's part of a migration, then start the engine of its new position (if any)."""
+        from spotserve.daemon.executor import MigrationExecutor
+        from spotserve.live.migrate import backend_of, join_group, leave_group, network_gpus, parse_migration
+        from spotserve.live.migrate import usable_transfers
+        from spotserve.models.loader import TORCH_DTYPES
+
+        m = parse_migration(msg)
+        me = self.name
+        new_pos = m.new.position(me)
+        if (new_pos is None) != (pos is None) or (pos is not None and (
+                new_pos.replica, new_pos.stage, new_pos.shard) != (pos["replica"], pos["stage"], pos["shard"])):
+            raise ValueError(f"{me}: position {pos} disagrees with the migration's new layout ({new_pos})")
+        old_pos = m.old.position(me) if m.old is not None else None
+        weights = {}
+        if old_pos is not None and me in m.live:
+            held = (*m.old.shape(old_pos.replica), old_pos.stage, old_pos.shard)
+            if held != self.layout or self.weights is None:
+                raise ValueError(f"{me}: the migration counts on its weights of {held}, it holds {self.layout}")
+            weights = self.weights
+        dtype = TORCH_DTYPES[cfg.get("dtype", "fp32")]
+        timeout = float(cfg.get("migration_timeout_s", max(30.0, float(cfg.get("timeout_s", 10.0)))))
+        ex = MigrationExecutor(self.spec, me, m.ranks, dtype=dtype, device=self.device, checkpoint=self.model_dir,
+                               staging_bytes=int(cfg.get("staging_bytes", 64 << 20)), alloc=self._alloc)
+        transfers = usable_transfers(self.spec, m)
+        prepared = ex.prepare(m.old, m.new, transfers, m.requests, live=m.live)
+        # Only GPUs with messages to send or receive form the group (every participant resolves the
+        # same moves, so all agree on it): a load from the checkpoint alone needs no group at all.
+        net = network_gpus(prepared.resolution)
+        ex.ranks = {g: k for k, g in enumerate(net)} if me in net else {me: 0}
+        kv = {r.request_id: self.kv_local[r.request_id] for r in m.requests if r.request_id in self.kv_local}
+        t_group = time.perf_counter()
+        if me in net:
+            join_group(cfg["store_host"], cfg["store_port"], f"m{config_id}/", net.index(me), len(net),
+                       backend_of(self.device), timeout)
+        group_s = time.perf_counter() - t_group
+        try:
+            outcome = ex.run(m.old, m.new, transfers, weights, kv=kv, requests=m.requests, live=m.live,
+                             prepared=prepared)
+        finally:
+            t_leave = time.perf_counter()
+            leave_group()
+            group_s += time.perf_counter() - t_leave
+        st = outcome.stats
+        self.loaded_bytes += st.checkpoint_bytes
+        kv_in = {}
+        for mv in outcome.resolution.moves:
+            if mv.kind == "kv" and mv.dst == me and mv.src not in (None, me):
+                kv_in[mv.name] = kv_in.get(mv.name, 0) + mv.nbytes
+        self.weights, self.kv_local = None, {}
+        if new_pos is None:
+            self.layout = None
+        else:
+            pp, tp = m.new.shape(new_pos.replica)
+            self.weights, self.layout = outcome.weights, (pp, tp, new_pos.stage, new_pos.shard)
+            self.kv_local = dict(outcome.kv)
+            self._start_engine(config_id, cfg, pos)
+        stats = {k: getattr(st, k) for k in ("sent_bytes", "received_bytes", "local_bytes", "checkpoint_bytes",
+                                             "messages_sent", "messages_received", "rounds", "aliased")}
+        stats.update(seconds=round(st.seconds, 6), prepare_seconds=round(st.prepare_seconds, 6),
+                     group_seconds=round(group_s, 6), group_size=len(net) if me in net else 0)
+        return {"reused": st.checkpoint_bytes == 0, "loaded_bytes": st.checkpoint_bytes,
+                "load_s": time.perf_counter() - t0, "holds": self._holds(), "migration": stats,
+                "lost_kv": sorted(outcome.lost_kv), "kv_held": sorted(self.kv_local), "kv_in": kv_in}
+
+    def _alloc(self, name: str, shape: tuple, dtype):
+        """New tensors of a migration (weight shards by HF name, received KV pieces as kv/<id>)."""
+        import torch
+
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _start_engine(self, config_id: int, cfg: dict, pos: dict) -> None:
+        """Join the replica's process group for `config_id` and build the engine on the held weights."""
+        import torch
+
+        from spotserve.engine.config import EngineConfig
+        from spotserve.engine.dist import DistContext, PeerWatch, World, make_contexts
+        from spotserve.engine.engine import Engine
+        from spotserve.live.migrate import backend_of, join_group
+
+        pp, tp, stage, shard, replica = cfg["pp"], cfg["tp"], pos["stage"], pos["shard"], pos["replica"]
+        timeout = float(cfg.get("timeout_s", 10.0))
         world = pp * tp
         if world == 1:
             ctx = DistContext.single(timeout)
         else:
-            if cfg["store_host"] in ("127.0.0.1", "localhost"):
-                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            base = dist.TCPStore(cfg["store_host"], cfg["store_port"], is_master=False,
-                                 timeout=timedelta(seconds=timeout))
-            store = dist.PrefixStore(f"c{config_id}/r{replica}/", base)
+            backend = backend_of(self.device)
             rank = stage * tp + shard
-            dist.init_process_group("gloo", store=dist.PrefixStore("pg/", store), rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=timeout))
-            self.world = World(rank, world, timeout, "gloo", store, PeerWatch(store, rank, world, 0.25).start())
+            store = join_group(cfg["store_host"], cfg["store_port"], f"c{config_id}/r{replica}/", rank, world,
+                               backend, timeout)
+            self.world = World(rank, world, timeout, backend, store, PeerWatch(store, rank, world, 0.25).start())
             ctx = make_contexts(self.world, 1, pp, tp)
         econf = EngineConfig(self.model_dir, pp=pp, tp=tp, block_size=cfg.get("block_size", 16),
                              num_blocks=cfg.get("num_blocks", 256), max_batch=cfg.get("max_batch", 32),
                              micro_batches=cfg.get("micro_batches", 1), dtype=cfg.get("dtype", "fp32"),
-                             timeout_s=timeout)
+                             device=self.device, timeout_s=timeout, cuda_graphs=bool(cfg.get("cuda_graphs", True)))
         torch.set_num_threads(1)
         self.engine = Engine(econf, ctx, self.spec, self.weights)
         self.ctx = ctx
-        return {"reused": loaded == 0, "loaded_bytes": loaded, "load_s": time.perf_counter() - t0}
 
     # --- requests ----------------------------------------------------------------------------
     def add_requests(self, reqs: list) -> None:
+        """Resume requests from their committed tokens; "kv_local" ones continue from the KV piece this
+        worker holds for them (ValueError when it holds none), the others prefill prompt + output."""
         from spotserve.engine.engine import RequestState
-        from spotserve.engine.kv_reshard import RequestKV, assemble
         from spotserve.engine.sequence import SamplingParams
 
-        cfg = self.engine.config
         for r in reqs:
             state = RequestState(r["id"], list(r["prompt"]), list(r["output"]), SamplingParams(**r["params"]))
-            kv = None
-            if r.get("kv"):
-                pieces = [RequestKV.from_bytes(bytes(blob)) for blob in r["kv"]]
-                kv = assemble(pieces, self.spec, cfg.pp, cfg.tp, self.ctx.stage, self.ctx.shard,
-                              block_size=cfg.block_size)
-            self.engine.import_request(state, kv)
+            kv = self.kv_local.pop(r["id"], None)
+            if r.get("kv_local") and kv is None:
+                raise ValueError(f"{self.name}: no KV piece of request {r['id']} here (config {self.config_id})")
+            self.engine.import_request(state, kv if r.get("kv_local") else None)
 
-    def export(self, ids: list, release: bool) -> dict:
+    def park(self, ids: list, release: bool) -> dict:
+        """Keep the KV pieces of requests `ids` here (out of the engine when `release`); returns request
+        id -> cached positions (None for a request that is not live here or has no KV yet)."""
         out = {}
         for rid in ids:
             if rid not in self.engine.scheduler.seqs:
                 out[rid] = None
                 continue
             _, kv = self.engine.export_request(rid)
-            out[rid] = None if kv is None else kv.to_bytes()
+            if kv is not None:
+                self.kv_local[rid] = kv
+            out[rid] = None if kv is None else int(kv.num_tokens)
             if release:
                 self.engine.release(rid)
         return out
@@ -203,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", required=True, help="slot name, INSTANCE/gK")
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--heartbeat-s", type=float, default=0.2)
+    ap.add_argument("--reconnect-s", type=float, default=30.0,
+                    help="after losing the controller, keep the context and reconnect for this long (0: exit)")
     args = ap.parse_args(argv)
+    if args.reconnect_s < 0:
+        sys.exit(f"worker {args.name}: --reconnect-s must be >= 0, got {args.reconnect_s}")
     host, _, port = args.connect.rpartition(":")
     with open(args.token_file, "rb") as f:
         token = f.read().strip()
@@ -211,11 +298,126 @@ def main(argv: list[str] | None = None) -> None:
         sock = socket.create_connection((host, int(port)), timeout=30)
     except OSError as exc:
         sys.exit(f"worker {args.name}: cannot reach the controller at {args.connect}: {exc}")
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    Worker(sock, token, args.name, args.model_dir, args.heartbeat_s).serve()
+    _tune(sock)
+    Worker(sock, token, args.name, args.model_dir, args.heartbeat_s).serve((host, int(port)), args.reconnect_s)
     # skip interpreter teardown: a process group with a lost peer can block in its destructor
     os._exit(0)
+
+
+
+def preload() -> None:
+    """Import what a worker needs before its first command (the fork server imports it once for all)."""
+    import torch  # noqa: F401
+    import torch.distributed  # noqa: F401
+
+    from spotserve.daemon import executor  # noqa: F401
+    from spotserve.engine import engine  # noqa: F401
+    from spotserve.models import loader  # noqa: F401
+
+
+# --- controller sessions: a worker outlives a lost controller for a grace window ----------------------
+def hello_body(w: Worker, resumed: bool) -> dict:
+    """The hello of worker `w`: slot and pid, and what it holds, so that a restarted controller can
+    adopt it: the config id, the (pp, tp, stage, shard) of its weights, and the position of its engine
+    ({config_id, replica, stage, shard, pp, tp} of the last configure that built one, or None)."""
+    return {"worker": w.name, "pid": os.getpid(), "host": socket.gethostname(), "resumed": resumed,
+            "config_id": int(w.config_id), "holds": list(w.layout) if w.layout is not None else None,
+            "position": getattr(w, "position", None) if w.engine is not None else None}
+
+
+def serve_sessions(w: Worker, address: tuple[str, int] | None, reconnect_s: float) -> None:
+    """Run controller sessions on `w` until a shutdown command, or until the controller stays away for
+    `reconnect_s` (from the loss of the last session that was accepted: one that brought a command
+    or lasted a second; a refused hello, e.g. a wrong token, does not extend the window)."""
+    resumed, lost_at = False, None
+    while True:
+        t0 = time.monotonic()
+        ended, heard = _session(w, resumed)
+        if ended == "shutdown":
+            return
+        if heard or lost_at is None or time.monotonic() - t0 >= 1.0:
+            lost_at = time.monotonic()
+        try:
+            w.sock.close()
+        except OSError:
+            pass
+        if address is None or reconnect_s <= 0:
+            return
+        print(f"worker {w.name}: controller lost, keeping config {w.config_id} and reconnecting to "
+              f"{address[0]}:{address[1]} for {reconnect_s:g}s", file=sys.stderr, flush=True)
+        sock = _reconnect(address, lost_at + reconnect_s)
+        if sock is None:
+            print(f"worker {w.name}: no controller within {reconnect_s:g}s, exiting", file=sys.stderr, flush=True)
+            return
+        w.sock, resumed = sock, True
+
+
+def _session(w: Worker, resumed: bool) -> tuple[str, bool]:
+    """One connection: hello, heartbeats, commands in order. Returns (how it ended: "shutdown" or
+    "lost", whether any command arrived)."""
+    stop = threading.Event()
+    heard = False
+    try:
+        w.send("hello", hello_body(w, resumed))
+        threading.Thread(target=_heartbeat, args=(w, w.sock, stop), name="heartbeat", daemon=True).start()
+        while True:
+            try:
+                msg = P.recv(w.sock, w.token)
+            except (ConnectionError, OSError, P.ProtocolError):
+                return "lost", heard
+            heard = True
+            if msg.type == "shutdown":
+                w.send("ok", {}, msg.seq)
+                return "shutdown", heard
+            try:
+                mtype, body = w.handle(msg)
+            except Exception as exc:  # a failed command is reported, the worker stays up for the next config
+                mtype, body = "error", {"message": f"{w.name}: {type(exc).__name__}: {exc}"[:2000]}
+            if msg.type == "configure" and mtype == "ok":
+                _note_position(w, msg.body)
+            w.send(mtype, body, msg.seq)
+    except OSError:
+        return "lost", heard
+    finally:
+        stop.set()
+
+
+def _note_position(w: Worker, body: dict) -> None:
+    """Remember the position a configure gave the engine (reported at the next hello)."""
+    pos, cfg = body.get("position"), body.get("config") or {}
+    if w.engine is None or pos is None or "pp" not in cfg:
+        w.position = None
+        return
+    w.position = {"config_id": int(body["config_id"]), "replica": int(pos["replica"]), "stage": int(pos["stage"]),
+                  "shard": int(pos["shard"]), "pp": int(cfg["pp"]), "tp": int(cfg["tp"])}
+
+
+def _heartbeat(w: Worker, sock: socket.socket, stop: threading.Event) -> None:
+    """Pings on one connection until it fails or its session ends."""
+    while not stop.wait(w.heartbeat_s):
+        try:
+            with w._send_lock:
+                P.send(sock, P.Message("ping", {}), w.token)
+        except OSError:
+            return
+
+
+def _reconnect(address: tuple[str, int], deadline: float) -> socket.socket | None:
+    """A new connection to the controller, retried until `deadline` (monotonic); None if none came."""
+    while time.monotonic() < deadline:
+        try:
+            sock = socket.create_connection(address, timeout=1.0)
+        except OSError:
+            time.sleep(0.25)
+            continue
+        _tune(sock)
+        return sock
+    return None
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,96 @@ class ServiceThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
+
+
+# --- the controller as a subprocess (`python -m spotserve.live`), for restart tests ---------------
+def start_cli(args: list[str]):
+    """Start `python -m spotserve.live ARGS`; returns (process, its "listening" JSON line as a dict)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "spotserve.live", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("{") and '"listening"' in line:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            return proc, json.loads(line)
+    raise AssertionError(f"controller exited with {proc.wait()} before listening:\n{''.join(seen)[-3000:]}")
+
+
+def poll_request(url: str, rid: int, pred, timeout: float = 90.0) -> dict:
+    """GET /v1/requests/RID until `pred(body)`; AssertionError after `timeout`."""
+    import time
+
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r = httpx.get(f"{url}/v1/requests/{rid}", timeout=5)
+        if r.status_code == 200 and pred(r.json()):
+            return r.json()
+        time.sleep(0.05)
+    raise AssertionError(f"request {rid} did not reach the state in {timeout}s")
+
+
+def post_completion(url: str, prompt: list[int], n: int) -> None:
+    """POST a greedy completion, ignoring the answer (the controller may be killed under it)."""
+    import httpx
+
+    try:
+        httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": n, "temperature": 0}, timeout=60)
+    except httpx.HTTPError:
+        pass
+
+
+def submit_in_order(url: str, reqs) -> None:
+    """Submit (prompt, n) pairs from client threads, each admitted before the next (ids follow order)."""
+    for rid, (p, n) in enumerate(reqs):
+        threading.Thread(target=post_completion, args=(url, p, n), daemon=True).start()
+        poll_request(url, rid, lambda r: True)
+
+
+def stored_tokens(path, rid: int) -> list[int]:
+    """Committed tokens of request `rid` in a state store file."""
+    from spotserve.live.state import StateStore
+
+    st = StateStore(path)
+    try:
+        return st.get(str(rid)).tokens
+    finally:
+        st.close()
+
+
+def metric(url: str, name: str) -> float:
+    """The value of an unlabelled Prometheus sample `name` at URL/metrics."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no sample {name} at {url}/metrics")
+
+
+def worker_pids(marker: str) -> set[int]:
+    """Pids of live worker processes whose command line mentions `marker` (e.g. a test's tmp folder:
+    a forked worker's command line is its fork server's, which names the launcher's log folder)."""
+    from pathlib import Path
+
+    from spotserve.live.forkserver import WORKER_COMM
+
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                comm = (p / "comm").read_text().strip()
+                state = (p / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if comm == WORKER_COMM and marker in cmd and state != b"Z":
+                out.add(int(p.name))
+    return out

@@ -76,3 +76,14 @@ def test_transaction_groups_commits_and_rolls_back_on_error(tmp_path):
             st.commit("b", 0, [5])  # conflicts with the committed 8: the whole step is undone
     assert st.get("a").tokens == [7] and st.get("b").tokens == [8]
     st.close()
+
+
+def test_meta_values_survive_reopening(tmp_path):
+    s = StateStore(tmp_path / "state.db")
+    assert s.get_meta("cluster") is None and s.get_meta("cluster", {}) == {}
+    s.set_meta("cluster", {"port": 1234, "instances": {"i0": ["i0/g0"]}})
+    s.set_meta("cluster", {"port": 4321, "instances": {}})  # replaced, not added
+    s.close()
+    s = StateStore(tmp_path / "state.db")
+    assert s.get_meta("cluster") == {"port": 4321, "instances": {}}
+    s.close()
