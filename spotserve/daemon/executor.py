@@ -154,10 +154,12 @@ class MigrationExecutor:
         # host call per move, and a dense move sent alone costs neither: 2 MiB and up go alone.
         if solo_bytes is None:
             solo_bytes = (2 << 20) if gpu else (1 << 20)
-        # GPU: NCCL p2p runs 310 GB/s at 64 MiB and 368 at 1 GiB (2x H100): rounds of 256 MiB
-        # (direct messages use no staging); CPU: rounds as large as the staging limit.
+        # GPU: NCCL p2p runs 322 GB/s at 64 MiB and 372 at 1 GiB (2x H100), and fewer groups cost
+        # less: rounds of 1 GiB moved KV at 82% of raw p2p against 75% with 256 MiB rounds, weights
+        # at 77% either way (benchmarks/results/h100x2-executor.log). Direct messages use no staging,
+        # so the round may exceed it. CPU: rounds as large as the staging limit.
         if round_bytes is None:
-            round_bytes = max(256 << 20, staging_bytes // depth) if gpu else staging_bytes // depth
+            round_bytes = max(1 << 30, staging_bytes // depth) if gpu else staging_bytes // depth
         if solo_bytes < 1 or round_bytes < 1:
             raise ValueError(f"solo_bytes and round_bytes must be positive, got {solo_bytes}, {round_bytes}")
         self.staging_bytes, self.solo_bytes, self.round_bytes = staging_bytes, solo_bytes, round_bytes

@@ -171,9 +171,11 @@ class Worker:
         dtype = TORCH_DTYPES[cfg.get("dtype", "fp32")]
         timeout = float(cfg.get("migration_timeout_s", max(30.0, float(cfg.get("timeout_s", 10.0)))))
         ex = MigrationExecutor(self.spec, me, m.ranks, dtype=dtype, device=self.device, checkpoint=self.model_dir,
-                               staging_bytes=int(cfg.get("staging_bytes", 64 << 20)), alloc=self._alloc)
+                               staging_bytes=int(cfg.get("staging_bytes", (64 if self.device == "cpu" else 512) << 20)),
+                               alloc=self._alloc)
         transfers = usable_transfers(self.spec, m)
-        prepared = ex.prepare(m.old, m.new, transfers, m.requests, live=m.live)
+        # new tensors and staging are made here, so the move itself (stats.seconds) does no cudaMalloc
+        prepared = ex.prepare(m.old, m.new, transfers, m.requests, live=m.live, allocate=True)
         # Only GPUs with messages to send or receive form the group (every participant resolves the
         # same moves, so all agree on it): a load from the checkpoint alone needs no group at all.
         net = network_gpus(prepared.resolution)
@@ -208,6 +210,7 @@ class Worker:
         stats = {k: getattr(st, k) for k in ("sent_bytes", "received_bytes", "local_bytes", "checkpoint_bytes",
                                              "messages_sent", "messages_received", "rounds", "aliased")}
         stats.update(seconds=round(st.seconds, 6), prepare_seconds=round(st.prepare_seconds, 6),
+                     alloc_seconds=round(st.prepared_alloc_seconds, 6),
                      group_seconds=round(group_s, 6), group_size=len(net) if me in net else 0)
         return {"reused": st.checkpoint_bytes == 0, "loaded_bytes": st.checkpoint_bytes,
                 "load_s": time.perf_counter() - t0, "holds": self._holds(), "migration": stats,
