@@ -267,11 +267,12 @@ cudaError_t plan_skinny_gemm(SkinnyGemmParams& p, int split) {
     p.split = clusters ? std::min({split, kMaxSplit, chunks}) : 1;
     return cudaSuccess;
   }
-  // Two CTAs (16 warps) per multiprocessor keep ~60 KB of loads in flight per SM, more than
-  // HBM latency x bandwidth needs; split K (in a cluster) only when the row tiles alone are fewer,
-  // and never below one chunk per warp.
+  // One CTA of 8 warps keeps enough loads in flight per SM: on the H100, split 1 beat split 2 and 4
+  // for every OPT-6.7B shape at M = 1 and 8, including 4096x4096 with 256 row tiles (13.9 vs 16.9 us
+  // at M = 1; benchmarks/results/bench_kernels_h100_gemm.log). Split K (in a cluster) only when the
+  // row tiles cannot cover half the SMs, and never below one chunk per warp.
   int s = 1;
-  while (clusters && s < kMaxSplit && static_cast<long>(tiles) * s < 2L * d.sms && chunks >= 2 * s * kWarps) s *= 2;
+  while (clusters && s < kMaxSplit && static_cast<long>(tiles) * s * 2 < d.sms && chunks >= 2 * s * kWarps) s *= 2;
   p.split = s;
   return cudaSuccess;
 }
