@@ -79,12 +79,16 @@ async def _live_cell(lo: LiveOptions, model_dir: str, profile: str, run_dir: Pat
     from spotserve.live.replay import initial_instances, prompt_of, schedule_trace
     from spotserve.live.service import LiveConfig, LiveService
 
-    rate = len(arrivals) / max(trace.duration, 1e-9)
+    rate = len(arrivals) / max(arrivals[-1].t, 1e-9) if arrivals else 0.0  # as simulate() computes it
     svc = LiveService(LiveConfig(model_dir, profile, str(run_dir), gpus_per_instance=lo.gpus_per_instance,
                                  approach=approach, rate=rate, grace_s=lo.grace_s, prompt_len=lo.input_len,
                                  output_len=lo.output_len))
     try:
         await svc.start(initial_instances(trace))
+        # the simulator's run starts with the first layout loaded (warm start), so the scaled trace's
+        # clock starts once the live workers have configured it, not while they still build engines
+        while svc.backend.plans_done < 1:
+            await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         schedule_trace(svc, trace, 1.0, lo.grace_s)
@@ -108,7 +112,8 @@ async def _live_cell(lo: LiveOptions, model_dir: str, profile: str, run_dir: Pat
 def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: LiveOptions, say=print) -> dict:
     """`e2e --backend live`: the cell's trace and arrivals, scaled down, served by worker processes per
     approach; writes summary.json, requests_/events_/instances_<approach> like the simulator (plus
-    `<approach>@sim` rows simulating the same scaled cell with the live-path profile)."""
+    `<approach>@sim` rows simulating the same scaled cell with the live-path profile, its measured
+    batch-to-batch spread replayed with RNG seed opts.seed) and the profile used (profile.json)."""
     from spotserve.controller.approach import get_approach
     from spotserve.controller.instances import InstanceConfig
     from spotserve.experiment import plots
@@ -117,6 +122,7 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
     from spotserve.experiment.runner import workload
     from spotserve.models.loader import CheckpointReader
     from spotserve.planner.cost import CostModel, Workload
+    from spotserve.sim.jitter import StepJitter
     from spotserve.sim.run import SimConfig, SimResult, simulate, summarize
 
     trace0 = load_trace(trace_name, opts.root)
@@ -126,6 +132,9 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
     tmp = Path(tempfile.mkdtemp(prefix="spotserve-e2e-live-"))
     try:
         model_dir, profile = _model_and_profile(lo, tmp, say)
+        out.mkdir(parents=True, exist_ok=True)
+        if Path(profile).resolve() != (out / "profile.json").resolve():
+            shutil.copyfile(profile, out / "profile.json")  # what both backends planned with (and the sim's jitter)
         spec = CheckpointReader(model_dir).spec
         summaries = {}
         for name in approaches:
@@ -147,9 +156,11 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
             summaries[name] = res.summary
         if lo.compare_sim:
             cost = CostModel.from_profile(profile, spec=spec, workload=Workload(lo.input_len, lo.output_len))
+            # a live-path profile carries its measured batch-to-batch spread: the simulator replays it
+            jitter = StepJitter.from_profile(profile)
             cfg = SimConfig(instance=InstanceConfig(gpus_per_instance=lo.gpus_per_instance, grace_s=lo.grace_s,
                                                     gpu_memory_bytes=cost.gpu_memory_bytes),
-                            max_seq_len=spec.max_positions + 1)
+                            max_seq_len=spec.max_positions + 1, jitter=jitter, seed=getattr(opts, "seed", 0))
             for name in approaches:
                 res = simulate(cost, trace, arrivals, get_approach(name), cfg)
                 res = replace(res, approach=f"{name}@sim")
@@ -192,5 +203,7 @@ def _model_and_profile(lo: LiveOptions, tmp: Path, say) -> tuple[str, str]:
     if profile is None:
         say("measuring the live-path profile on this machine...")
         profile = str(tmp / "profile.json")
-        Path(profile).write_text(json.dumps(measure_live(model_dir, gpus_per_instance=lo.gpus_per_instance)))
+        # timed batches as long as the workload's (the spread of a batch's mean step depends on its length)
+        Path(profile).write_text(json.dumps(measure_live(model_dir, prompt_len=lo.input_len, steps=lo.output_len - 1,
+                                                         gpus_per_instance=lo.gpus_per_instance)))
     return model_dir, profile

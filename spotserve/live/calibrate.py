@@ -5,14 +5,21 @@ message encoding and gloo collectives between processes, which on a small model 
 two workers are started, configured as (pp, tp) in {(1,1), (1,2), (2,1)} and timed from the
 controller for each batch size as the live backend drives a batch: the add_requests round trip
 and the prefill step, then decode steps whose tokens are committed to a StateStore. Each batch
-size gets a warm-up run (discarded) and then `reps` runs; the profile takes the median over runs
-of the prefill and of the mean decode step. A request's latency is a sum of many steps, so the
-mean step (jitter included) is what the simulator must reproduce; the median over runs keeps
-one run disturbed by another process from moving it. Per-layer times are the step times / layers
-(all overheads folded in, as the cost model only knows layers); the pipeline hop is what pp=2
-adds over pp=1, split over its hops. Output: the profile JSON of spotserve.planner.profiles, with
-a "measured" record (method, model, slots per instance) that `python -m spotserve.live` uses to
-reuse a cached profile.
+size gets a warm-up run (discarded), then `reps` rounds over the batch sizes, each round a "cold"
+run (after `idle_s` of idleness, as a replica meets a request at light load) and a "warm" one
+(right after it, as under load). The profile's tables take the median over warm runs of the
+prefill and of the mean decode step (the steady state the planner's throughput model assumes);
+the median keeps one run disturbed by another process from moving it. Per-layer times are the
+step times / layers (all overheads folded in, as the cost model only knows layers); the pipeline
+hop is what pp=2 adds over pp=1, split over its hops.
+
+The spread is recorded too, in the optional field ``step_jitter`` that the planner ignores and the
+simulator replays (spotserve/sim/jitter.py): every timed run's prefill and mean decode step over the
+median of its (layout, batch size, cold|warm) cell, and the cold / warm median ratios. Rounds
+interleave the batch sizes and the idle pauses spread them over ~10 s, so the samples see the
+machine's slow and quiet moments rather than one instant. Output: the profile JSON of
+spotserve.planner.profiles, with a "measured" record (method, model, slots per instance) that
+`python -m spotserve.live` uses to reuse a cached profile.
 
     python -m spotserve.live.calibrate --model-dir DIR --out profile.json
 """
@@ -32,6 +39,7 @@ from spotserve.live.state import StateStore
 
 LAYOUTS = ((1, 1), (1, 2), (2, 1))
 METHOD = "live-path"
+IDLE_S = 0.2  # idleness before a cold run: longer than any pause between a replica's back-to-back batches
 
 
 async def _time_batch(use, cid: int, sampler: int, batch: int, prompt_len: int, steps: int, vocab: int,
@@ -54,8 +62,8 @@ async def _time_batch(use, cid: int, sampler: int, batch: int, prompt_len: int, 
 
 
 async def _time_layout(conns, cid: int, pp: int, tp: int, store_port: int, prompt_len: int, steps: int, reps: int,
-                       vocab: int, state) -> dict[int, tuple[float, float]]:
-    """Batch size -> (prefill s, decode step s) on one replica of (pp, tp)."""
+                       vocab: int, state, idle_s: float) -> dict[int, dict[str, list[tuple[float, float]]]]:
+    """Batch size -> {"cold": [(prefill s, decode step s), ...], "warm": [...]} on one replica of (pp, tp)."""
     cfg = {"pp": pp, "tp": tp, "store_host": "127.0.0.1", "store_port": store_port, "block_size": 8,
            "num_blocks": 256, "max_batch": max(BATCHES), "timeout_s": 30.0}
     use = conns[:pp * tp]
@@ -63,12 +71,31 @@ async def _time_layout(conns, cid: int, pp: int, tp: int, store_port: int, promp
                                                 {"replica": 0, "stage": r // tp, "shard": r % tp}}, 120)
                            for r, c in enumerate(use)))
     sampler = (pp - 1) * tp  # first shard of the last stage returns the tokens
-    out = {}
+    run = lambda b, tag: _time_batch(use, cid, sampler, b, prompt_len, steps, vocab, state,  # noqa: E731
+                                     f"{cid}-{b}-{tag}")
     for b in BATCHES:
-        runs = [await _time_batch(use, cid, sampler, b, prompt_len, steps, vocab, state, f"{cid}-{b}-{rep}")
-                for rep in range(reps + 1)][1:]  # the first run warms caches and allocators up
-        out[b] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        await run(b, "warm-up")  # the first run warms caches and allocators up
+    out = {b: {"cold": [], "warm": []} for b in BATCHES}
+    for rep in range(reps):  # rounds over the batch sizes: each cell samples several moments
+        for b in BATCHES:
+            await asyncio.sleep(idle_s)
+            out[b]["cold"].append(await run(b, f"c{rep}"))
+            out[b]["warm"].append(await run(b, f"w{rep}"))
     return out
+
+
+def jitter_record(runs: dict, idle_s: float) -> dict:
+    """The profile's ``step_jitter`` (sim/jitter.py) from cell -> {"cold"|"warm": [(prefill, step), ...]}:
+    every run's ratios to its cell's medians, and the median over cells of the cold / warm ratios."""
+    samples, cold = [], {"prefill": [], "decode": []}
+    for cell in runs.values():
+        med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in cell.items()}
+        for k, v in cell.items():
+            samples += [[round(p / med[k][0], 4), round(d / med[k][1], 4)] for p, d in v]
+        cold["prefill"].append(med["cold"][0] / med["warm"][0])
+        cold["decode"].append(med["cold"][1] / med["warm"][1])
+    return {"samples": samples, "idle_s": idle_s,
+            "cold": {k: round(statistics.median(v), 4) for k, v in cold.items()}}
 
 
 def _commit(state, reply, index: int) -> None:
@@ -77,7 +104,7 @@ def _commit(state, reply, index: int) -> None:
             state.commit(sid, index, [int(tok)])
 
 
-async def _measure(model_dir: str, prompt_len: int, steps: int, reps: int) -> tuple[dict, object]:
+async def _measure(model_dir: str, prompt_len: int, steps: int, reps: int, idle_s: float) -> tuple[dict, object]:
     import torch.distributed as dist
 
     from spotserve.models.loader import CheckpointReader
@@ -98,7 +125,7 @@ async def _measure(model_dir: str, prompt_len: int, steps: int, reps: int) -> tu
             if not spec.valid_tp(tp) or pp > spec.num_layers:
                 continue
             for b, t in (await _time_layout(conns, cid, pp, tp, store.port, prompt_len, steps, reps, spec.vocab,
-                                            state)).items():
+                                            state, idle_s)).items():
                 times[(pp, tp, b)] = t
         return times, spec
     finally:
@@ -108,10 +135,16 @@ async def _measure(model_dir: str, prompt_len: int, steps: int, reps: int) -> tu
 
 
 async def measure_live_async(model_dir: str, prompt_len: int = 16, steps: int = 8, reps: int = 4,
-                             gpus_per_instance: int = 2) -> dict:
+                             gpus_per_instance: int = 2, idle_s: float = IDLE_S) -> dict:
     """The live-path profile of `model_dir` on this machine (starts two worker processes); for callers
-    inside a running event loop (the live CLI). Raises TimeoutError if the workers do not connect."""
-    times, spec = await _measure(model_dir, prompt_len, steps, reps)
+    inside a running event loop (the live CLI). `steps` decode steps per timed batch, `reps` cold + warm
+    runs per batch size and layout, `idle_s` of idleness before a cold run. Raises TimeoutError if
+    the workers do not connect, ValueError for reps < 1 or steps < 1."""
+    if reps < 1 or steps < 1 or idle_s < 0:
+        raise ValueError(f"calibration needs reps >= 1, steps >= 1 and idle_s >= 0 (got {reps}, {steps}, {idle_s})")
+    runs, spec = await _measure(model_dir, prompt_len, steps, reps, idle_s)
+    times = {k: (statistics.median(r[0] for r in v["warm"]), statistics.median(r[1] for r in v["warm"]))
+             for k, v in runs.items()}
     L = spec.num_layers
     prof = await asyncio.to_thread(base_profile, model_dir, prompt_len, gpus_per_instance=gpus_per_instance)
     prof["name"] = f"live-path-{spec.name}"
@@ -125,13 +158,14 @@ async def measure_live_async(model_dir: str, prompt_len: int = 16, steps: int = 
                                                           for b in BATCHES)) * 1e3
         prof["pp_init_comm"] = max(0.0, statistics.median(times[(2, 1, b)][0] - times[(1, 1, b)][0]
                                                           for b in BATCHES)) * 1e3
+    prof["step_jitter"] = jitter_record(runs, idle_s)
     return prof
 
 
 def measure_live(model_dir: str, prompt_len: int = 16, steps: int = 8, reps: int = 4,
-                 gpus_per_instance: int = 2) -> dict:
+                 gpus_per_instance: int = 2, idle_s: float = IDLE_S) -> dict:
     """measure_live_async for callers without a running event loop."""
-    return asyncio.run(measure_live_async(model_dir, prompt_len, steps, reps, gpus_per_instance))
+    return asyncio.run(measure_live_async(model_dir, prompt_len, steps, reps, gpus_per_instance, idle_s))
 
 
 def measured_key(model_dir: str, gpus_per_instance: int, prompt_len: int) -> dict:

@@ -6,15 +6,20 @@ exactly at the last step boundary before it. The controller and planner above it
 Replicas a plan leaves unchanged keep their batch through a reconfiguration (keeps_unchanged_replicas);
 sending context to other replicas costs them nothing here: the copies run on the GPUs' copy engines
 and NICs while decoding is compute-bound (the model ignores that contention).
+With a StepJitter (sim/jitter.py, measured by the live-path calibration) each batch's prefill and
+step times are scaled by one measured batch's ratios, drawn with a seeded RNG: the run stays
+deterministic for a given seed, and without a jitter nothing is drawn (the paper-scale model).
 """
 from __future__ import annotations
 
 import heapq
 import math
+import random
 from typing import Callable
 
 from spotserve.controller.backend import Backend, Progress
 from spotserve.planner.types import ParallelConfig, ReconfigurationPlan
+from spotserve.sim.jitter import StepJitter
 
 
 class SimBatch:
@@ -61,8 +66,11 @@ class SimBackend(Backend):
 
     keeps_unchanged_replicas = True
 
-    def __init__(self, policy):
+    def __init__(self, policy, jitter: StepJitter | None = None, seed: int = 0):
         self.policy = policy
+        self.jitter = jitter
+        self.rng = random.Random(seed)
+        self._idle_from: dict[int, float] = {}  # replica -> when it last became idle (cold batches)
         self.t = 0.0
         self._heap: list = []
         self._seq = 0
@@ -106,6 +114,9 @@ class SimBackend(Backend):
             prompt = sum(r.input_len + r.committed for r, pf in zip(requests, prefilled) if pf) / n_pf
             P = self.policy.prefill_s(shape, n_pf, prompt)
         S = self.policy.step_s(shape, len(requests))
+        if self.jitter is not None:
+            fp, fd = self.jitter.draw(self.rng, self.t - self._idle_from.get(replica, -math.inf))
+            P, S = P * fp, S * fd
         b = SimBatch(replica, batch_id, requests, self.t, P, S, prefilled)
         self.batches[replica] = b
         self._push(b.end_t, self._finish, b, 0)
@@ -118,12 +129,14 @@ class SimBackend(Backend):
         if not self._current(b, stop_seq):
             return
         del self.batches[b.replica]
+        self._idle_from[b.replica] = b.end_t
         self.controller.on_batch_done(b.replica, b.batch_id, b.progress(b.end_t), False)
 
     def _stopped(self, b: SimBatch, stop_seq: int, cut: float) -> None:
         if not self._current(b, stop_seq):
             return
         del self.batches[b.replica]
+        self._idle_from[b.replica] = cut
         self.controller.on_batch_done(b.replica, b.batch_id, b.progress(cut), True)
 
     def stop_batch(self, replica: int, batch_id: int, at: float) -> None:
@@ -146,6 +159,7 @@ class SimBackend(Backend):
         if b is None or b.batch_id != batch_id:
             return []
         del self.batches[replica]
+        self._idle_from[replica] = self.t
         return b.progress(self.t)
 
     def execute_plan(self, plan: ReconfigurationPlan, plan_id: int, stall_s: float,
@@ -160,8 +174,13 @@ class SimBackend(Backend):
         for new, b in moved.items():
             b.replica = new
         self.batches = moved
+        # kept replicas stay as warm as they were; every other one is rebuilt by the plan (idle from now)
+        idle = {r: self.t for r, _ in plan.replica_configs()}
+        idle.update({new: self._idle_from[old] for new, old in keep.items() if old in self._idle_from})
+        self._idle_from = idle
         self._push(self.t + stall_s, self.controller.on_plan_done, plan_id)
 
     def load_replica(self, replica: int, shape: ParallelConfig, gpus: list[str], load_id: int,
                      seconds: float) -> None:
+        self._idle_from[replica] = self.t
         self._push(self.t + seconds, self.controller.on_plan_done, load_id)

@@ -15,18 +15,22 @@ from spotserve.controller.policy import Policy
 from spotserve.controller.requests import RequestManager
 from spotserve.planner.cost import CostModel
 from spotserve.sim.backend import SimBackend
+from spotserve.sim.jitter import StepJitter
 from spotserve.sim.traces import Arrival
 
 
 @dataclass(frozen=True)
 class SimConfig:
     """Knobs of a simulated run (paper defaults: 30 s grace, g4dn.12xlarge prices); the batch cap is the
-    cost model's (CostModel max_batch)."""
+    cost model's (CostModel max_batch). `jitter` (sim/jitter.py, from a live-path profile) draws each
+    batch's speed with an RNG seeded by `seed`; None (the default) keeps every batch at the profile's times."""
 
     instance: InstanceConfig = field(default_factory=InstanceConfig)
     drain_s: float = 600.0  # after the trace ends: no new arrivals, in-flight requests may finish
     engine_start_s: float = 0.0
     max_seq_len: int | None = 2048
+    jitter: StepJitter | None = None
+    seed: int = 0
 
     def __post_init__(self):
         if self.drain_s < 0 or self.engine_start_s < 0:
@@ -85,7 +89,7 @@ def simulate(cost: CostModel, trace: AvailabilityTrace, arrivals: list[Arrival],
     rate = len(arrivals) / max(arrivals[-1].t, 1e-9) if arrivals else 0.0
     log = EventLog()
     ctl = Controller(policy, approach, im, rm, rate, log)
-    be = SimBackend(policy)
+    be = SimBackend(policy, config.jitter, config.seed)
     be.attach(ctl)
     _schedule_availability(be, ctl, trace, config.instance.grace_s)
 

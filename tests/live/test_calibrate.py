@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 
 import pytest
 
 from spotserve.live import calibrate
 from spotserve.planner.cost import CostModel
+from spotserve.sim.jitter import StepJitter
 
 
 @pytest.mark.timeout(150)
@@ -30,6 +32,23 @@ def test_calibration_runs_in_a_running_loop_and_is_reused(live_ckpt, tmp_path):
     assert prof["tp-2"]["bsz-1"]["incr"] > prof["tp-1"]["bsz-1"]["incr"]
     cost = CostModel.from_profile(path)
     assert cost.profile.gpus_per_instance == 2
+    # the measured spread the simulator replays: one (prefill, decode) ratio pair per timed run
+    # (3 layouts x 4 batch sizes x 4 rounds x cold + warm), each cell's median ratio 1
+    jit = StepJitter.from_profile(path)
+    assert len(jit.samples) == 3 * 4 * 4 * 2 and jit.idle_s == calibrate.IDLE_S
+    assert jit.cold_prefill > 0 and jit.cold_decode > 0
+    assert statistics.median(d for _, d in jit.samples) == pytest.approx(1.0, abs=0.15)
+
+
+def test_jitter_record_takes_ratios_to_each_cells_median():
+    runs = {(1, 1, 1): {"cold": [(3.0, 1.0), (6.0, 2.0), (9.0, 3.0)], "warm": [(1.0, 1.0), (2.0, 1.0), (4.0, 1.0)]},
+            (1, 1, 2): {"cold": [(2.0, 4.0)], "warm": [(2.0, 2.0)]}}
+    rec = calibrate.jitter_record(runs, 0.2)
+    assert rec["samples"] == [[0.5, 0.5], [1.0, 1.0], [1.5, 1.5], [0.5, 1.0], [1.0, 1.0], [2.0, 1.0],
+                              [1.0, 1.0], [1.0, 1.0]]
+    # cold / warm medians per cell: (6/2, 2/1) and (2/2, 4/2); the median over cells
+    assert rec["cold"] == {"prefill": 2.0, "decode": 2.0} and rec["idle_s"] == 0.2
+    assert StepJitter.from_dict(rec).samples[0] == (0.5, 0.5)
 
 
 def test_cached_profile_is_measured_again_for_another_key(live_ckpt, tmp_path, monkeypatch):
