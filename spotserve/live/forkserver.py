@@ -111,10 +111,11 @@ class ForkServer:
 
 
 def alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie does not: a killed orphan may wait for its reaper)."""
+    """Whether process `pid` runs (a zombie does not: a killed orphan may wait for its reaper; nor does
+    one in state X, dead and being reaped)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")  # zombie, or being reaped
     except FileNotFoundError:
         return False
     except OSError:  # no /proc: ask the kernel
@@ -123,6 +124,17 @@ def alive(pid: int) -> bool:
         except ProcessLookupError:
             return False
         return True
+
+
+def _subreaper() -> None:
+    """Adopt orphaned descendants (Linux): a context daemon whose worker died is re-parented here, not
+    to init, and the kernel reaps it when it is killed (SIGCHLD is ignored here), so no zombie stays."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
 
 
 def _child(req: dict) -> None:
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     worker.preload()  # what every worker imports anyway: forked children start with it in place
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
+    _subreaper()
     out = sys.stdout.buffer
     out.write(b'{"ready": true}\n')
     out.flush()

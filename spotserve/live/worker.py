@@ -13,7 +13,9 @@ over the participants (key prefix m<id>/) and the replica's group (c<id>/r<repli
 TCPStore hosted by the controller; gloo on CPU, NCCL on GPU (cfg "device": "cuda", one GPU per
 slot: INSTANCE/gK uses cuda:K). When the controller goes away the worker keeps its context and
 reconnects for --reconnect-s seconds, saying hello again with what it holds (a restarted controller
-adopts it); then it exits.
+adopts it); then it exits. With the engine setting "daemon" the weight shards live in the slot's
+context daemon (live/context.py): a worker process restarted on the same slot re-attaches them at
+start and says so in its hello (`holds`, `attached_bytes`), reading nothing from the checkpoint.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from spotserve.live import protocol as P
 class Worker:
     """Command executor of one slot; `sock` is connected and authenticated by the shared token."""
 
-    def __init__(self, sock: socket.socket, token: bytes, name: str, model_dir: str, heartbeat_s: float = 0.2):
+    def __init__(self, sock: socket.socket, token: bytes, name: str, model_dir: str, heartbeat_s: float = 0.2,
+                 daemon_name: str | None = None, daemon_dir: str | None = None):
         self.sock, self.token, self.name, self.model_dir = sock, token, name, model_dir
         self.heartbeat_s = heartbeat_s
         self._send_lock = threading.Lock()
@@ -44,6 +47,11 @@ class Worker:
         self.loaded_bytes = 0  # bytes read from the checkpoint, all configs together
         self.kv_local: dict = {}  # request id -> RequestKV held here (parked at a stop, or migrated in)
         self.device = "cpu"
+        # the slot's context daemon (engine setting "daemon"): weights in its buffers outlive this process
+        self.daemon_name, self.daemon_dir = daemon_name, daemon_dir
+        self.daemon = None  # live/context.SlotContext once started or found
+        self.attached_bytes = 0  # weight bytes re-attached from the daemon at start (a restart)
+        self._new_shards: dict | None = None  # HF name -> daemon buffer of the shards a migration allocates
 
     # --- wire --------------------------------------------------------------------------------
     def send(self, mtype: str, body: dict, seq: int = 0) -> None:
@@ -57,6 +65,10 @@ class Worker:
 
         preload()
         self.spec = CheckpointReader(self.model_dir).spec
+        if self.daemon_name:
+            from spotserve.live.context import restore_context
+
+            restore_context(self)
 
     def serve(self, address: tuple[str, int] | None = None, reconnect_s: float = 0.0) -> None:
         """Hello, then execute commands until shutdown. When the controller goes away the worker keeps
@@ -65,6 +77,8 @@ class Worker:
         or with reconnect_s 0, it returns."""
         self.warm_up()
         serve_sessions(self, address, reconnect_s)
+        if self.daemon is not None:  # leaving for good (shutdown, or no controller came back): free the context
+            self.daemon.stop()
 
     def handle(self, msg: P.Message) -> tuple[str, dict]:
         b = msg.body
@@ -103,6 +117,9 @@ class Worker:
 
     def _drop_context(self) -> None:
         self.weights, self.layout, self.kv_local = None, None, {}
+        if self.daemon is not None:
+            self.daemon.begin(set())
+            self.daemon.commit(None, None)  # nothing held: a restarted worker re-attaches nothing
 
     def configure(self, config_id: int, cfg: dict, pos: dict | None, migration: dict | None = None) -> dict:
         """Build the engine of `pos` in `cfg` (idempotent per config id); position None: go idle.
@@ -137,20 +154,32 @@ class Worker:
             return {"reused": False, "loaded_bytes": 0, "load_s": 0.0, "holds": None}
         layout = (cfg["pp"], cfg["tp"], pos["stage"], pos["shard"])
         loaded = 0
+        use_daemon = self._use_daemon(cfg)
         if layout != self.layout:
             self.weights = None  # drop the old slices before reading the new ones
-            self.weights = {k: v.to(self.device) for k, v in load_shard(
-                self.model_dir, cfg["pp"], pos["stage"], cfg["tp"], pos["shard"], dtype=cfg.get("dtype", "fp32")).items()}
-            loaded = sum(t.numel() * t.element_size() for t in self.weights.values())
+            if use_daemon:
+                from spotserve.live.context import attach_layout
+
+                self.weights, loaded = attach_layout(self, layout, cfg.get("dtype", "fp32"))
+            else:
+                self.weights = {k: v.to(self.device) for k, v in load_shard(
+                    self.model_dir, cfg["pp"], pos["stage"], cfg["tp"], pos["shard"],
+                    dtype=cfg.get("dtype", "fp32")).items()}
+                loaded = sum(t.numel() * t.element_size() for t in self.weights.values())
             self.loaded_bytes += loaded
             self.layout = layout
         self._start_engine(config_id, cfg, pos)
+        if use_daemon:
+            from spotserve.live.context import held_buffers
+
+            self.daemon.release_unused(held_buffers(self))
         return {"reused": loaded == 0, "loaded_bytes": loaded, "load_s": time.perf_counter() - t0,
                 "holds": self._holds()}
 
     def _migrate(self, config_id: int, cfg: dict, pos: dict | None, msg: dict, t0: float) -> dict:
         """Run this worker's part of a migration, then start the engine of its new position (if any)."""
         from spotserve.daemon.executor import MigrationExecutor
+        from spotserve.live.context import buffer_names, held_buffers
         from spotserve.live.migrate import backend_of, join_group, leave_group, network_gpus, parse_migration
         from spotserve.live.migrate import usable_transfers
         from spotserve.models.loader import TORCH_DTYPES
@@ -169,6 +198,16 @@ class Worker:
                 raise ValueError(f"{me}: the migration counts on its weights of {held}, it holds {self.layout}")
             weights = self.weights
         dtype = TORCH_DTYPES[cfg.get("dtype", "fp32")]
+        self._new_shards = None
+        use_daemon = self._use_daemon(cfg)
+        if use_daemon:
+            # new shards go to daemon buffers named by content; the held ones the migration reads or keeps stay
+            if not weights:  # not a source: its buffers are released, so no tensor may still map them
+                self.weights, self.layout = None, None
+            self.daemon.begin(held_buffers(self))
+            if new_pos is not None:
+                new_layout = (*m.new.shape(new_pos.replica), new_pos.stage, new_pos.shard)
+                self._new_shards = buffer_names(self.spec, new_layout)
         timeout = float(cfg.get("migration_timeout_s", max(30.0, float(cfg.get("timeout_s", 10.0)))))
         ex = MigrationExecutor(self.spec, me, m.ranks, dtype=dtype, device=self.device, checkpoint=self.model_dir,
                                staging_bytes=int(cfg.get("staging_bytes", (64 if self.device == "cpu" else 512) << 20)),
@@ -193,6 +232,7 @@ class Worker:
             t_leave = time.perf_counter()
             leave_group()
             group_s += time.perf_counter() - t_leave
+        weights = None  # the old shards no longer held are released below: no reference may outlive that
         st = outcome.stats
         self.loaded_bytes += st.checkpoint_bytes
         kv_in = {}
@@ -206,7 +246,12 @@ class Worker:
             pp, tp = m.new.shape(new_pos.replica)
             self.weights, self.layout = outcome.weights, (pp, tp, new_pos.stage, new_pos.shard)
             self.kv_local = dict(outcome.kv)
+        if use_daemon:
+            self.daemon.commit(self.layout, dtype)  # complete: a restarted worker may re-attach it
+        if new_pos is not None:
             self._start_engine(config_id, cfg, pos)
+        if use_daemon:  # the old shards the new layout does not keep, now that its engine is up
+            self.daemon.release_unused(held_buffers(self))
         stats = {k: getattr(st, k) for k in ("sent_bytes", "received_bytes", "local_bytes", "checkpoint_bytes",
                                              "messages_sent", "messages_received", "rounds", "aliased")}
         stats.update(seconds=round(st.seconds, 6), prepare_seconds=round(st.prepare_seconds, 6),
@@ -217,10 +262,24 @@ class Worker:
                 "lost_kv": sorted(outcome.lost_kv), "kv_held": sorted(self.kv_local), "kv_in": kv_in}
 
     def _alloc(self, name: str, shape: tuple, dtype):
-        """New tensors of a migration (weight shards by HF name, received KV pieces as kv/<id>)."""
+        """New tensors of a migration (weight shards by HF name, received KV pieces as kv/<id>); with the
+        daemon on, weight shards are daemon buffers (sealed when the migration completes)."""
         import torch
 
+        if self._new_shards is not None and name in self._new_shards:
+            return self.daemon.alloc(self._new_shards[name], shape, dtype)
         return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _use_daemon(self, cfg: dict) -> bool:
+        """Whether this configure keeps weights in the slot's daemon (engine setting "daemon"); starts
+        the daemon (or finds the one a previous process of this slot left) the first time."""
+        if not cfg.get("daemon") or not self.daemon_name:
+            return False
+        if self.daemon is None:
+            from spotserve.live.context import SlotContext
+
+            self.daemon = SlotContext.open(self.daemon_name, self.daemon_dir, self.device)
+        return True
 
     def _start_engine(self, config_id: int, cfg: dict, pos: dict) -> None:
         """Join the replica's process group for `config_id` and build the engine on the held weights."""
@@ -291,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heartbeat-s", type=float, default=0.2)
     ap.add_argument("--reconnect-s", type=float, default=30.0,
                     help="after losing the controller, keep the context and reconnect for this long (0: exit)")
+    ap.add_argument("--daemon-name", help="the slot's context daemon (used with the engine setting 'daemon')")
+    ap.add_argument("--daemon-dir", help="folder of the daemon's socket and token (default: the daemon's own)")
     args = ap.parse_args(argv)
     if args.reconnect_s < 0:
         sys.exit(f"worker {args.name}: --reconnect-s must be >= 0, got {args.reconnect_s}")
@@ -302,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         sys.exit(f"worker {args.name}: cannot reach the controller at {args.connect}: {exc}")
     _tune(sock)
-    Worker(sock, token, args.name, args.model_dir, args.heartbeat_s).serve((host, int(port)), args.reconnect_s)
+    Worker(sock, token, args.name, args.model_dir, args.heartbeat_s, args.daemon_name,
+           args.daemon_dir).serve((host, int(port)), args.reconnect_s)
     # skip interpreter teardown: a process group with a lost peer can block in its destructor
     os._exit(0)
 
@@ -315,6 +377,7 @@ def preload() -> None:
 
     from spotserve.daemon import executor  # noqa: F401
     from spotserve.engine import engine  # noqa: F401
+    from spotserve.live import context  # noqa: F401
     from spotserve.models import loader  # noqa: F401
 
 
@@ -325,7 +388,8 @@ def hello_body(w: Worker, resumed: bool) -> dict:
     ({config_id, replica, stage, shard, pp, tp} of the last configure that built one, or None)."""
     return {"worker": w.name, "pid": os.getpid(), "host": socket.gethostname(), "resumed": resumed,
             "config_id": int(w.config_id), "holds": list(w.layout) if w.layout is not None else None,
-            "position": getattr(w, "position", None) if w.engine is not None else None}
+            "position": getattr(w, "position", None) if w.engine is not None else None,
+            "daemon": w.daemon.name if w.daemon is not None else None, "attached_bytes": int(w.attached_bytes)}
 
 
 def serve_sessions(w: Worker, address: tuple[str, int] | None, reconnect_s: float) -> None:
