@@ -3,7 +3,8 @@
 Every completion is admitted durably (StateStore) before it is answered; a streamed completion
 sends each token once it is committed, so preemptions and worker kills behind it show up as a
 pause, never as an error, a repeat or a gap. Admin endpoints drive availability by hand (notice,
-acquire, kill). With an API key, every endpoint but /health needs `Authorization: Bearer KEY`.
+acquire, kill) and force a parallel config (reconfigure). With an API key, every endpoint but
+/health needs `Authorization: Bearer KEY`.
 """
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ class AdminBody(BaseModel):
     instance: str | None = None
     worker: str | None = None
     grace_s: float | None = Field(None, ge=0)
+
+
+class ReconfigureBody(BaseModel):
+    """POST /admin/reconfigure: the parallel config to move to now (ParallelConfig's fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    dp: int = Field(ge=1)
+    pp: int = Field(ge=1)
+    tp: int = Field(ge=1)
+    batch: int = Field(ge=1)
+    micro_batches: int = Field(1, ge=1)
 
 
 def create_app(service, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
@@ -143,6 +155,22 @@ def create_app(service, model_name: str | None = None, api_key: str | None = Non
         if body.worker is None or service.pool.alive(body.worker) is None:
             raise HTTPException(404, f"no live worker {body.worker!r}")
         return {"worker": body.worker, "pid": service.kill_worker(body.worker)}
+
+    @app.post("/admin/reconfigure", dependencies=[Depends(auth)])
+    async def admin_reconfigure(body: ReconfigureBody):
+        """Move to the given config through the usual migration; 400 for an invalid config, 409 when
+        the controller refuses it (not enough ready GPUs, a replica that does not fit)."""
+        from spotserve.planner.types import ParallelConfig
+
+        try:
+            config = ParallelConfig(body.dp, body.pp, body.tp, body.batch, body.micro_batches)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        try:
+            changed = service.reconfigure(config, reason="manual")
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {"config": config.short(), "changed": changed}
 
     return app
 

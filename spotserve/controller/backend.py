@@ -72,6 +72,18 @@ class Backend(ABC):
         replica has no batch running when the plan is executed.
         """
 
+    def live_tokens(self, replica: int, batch_id: int) -> dict[int, int]:
+        """Output tokens each request of the running batch `batch_id` has produced so far (durable:
+        they survive the batch), by request id, for the plan made while it runs. A backend that reports
+        a batch's tokens only when it ends and has no cheaper view returns {} (the default): the
+        controller then counts the tokens committed at batch start. The simulator leaves it so."""
+        return {}
+
+    def kv_tokens(self, request_id: int) -> int | None:
+        """KV positions the backend's cache holds now for a stopped request whose cache survives (what
+        a migration moves), or None when it does not know (the default): the plan's sizes then stand."""
+        return None
+
     @abstractmethod
     def load_replica(self, replica: int, shape: ParallelConfig, gpus: list[str], load_id: int,
                      seconds: float) -> None:

@@ -10,26 +10,24 @@ its ablations (the reparallelization baseline restarts everything by definition)
 cache is resumed only on the replica that holds it. Changes at the same instant are planned once;
 a change that arrives while migrating is planned right after. `reconfigure` forces the next
 plan's config (operators, benchmarks); the migration is the same. Rerouting's replica bookkeeping
-lives in rerouting.py.
+lives in rerouting.py, that of surviving KV caches in kvcache.py.
 """
 from __future__ import annotations
-
-from dataclasses import replace
 
 from spotserve.controller.approach import Approach
 from spotserve.controller.backend import Backend, BackendEvents, Progress
 from spotserve.controller.events import EventLog
 from spotserve.controller.instances import ONDEMAND, SPOT, InstanceManager
+from spotserve.controller.kvcache import KVCacheMixin
 from spotserve.controller.replicas import Replica, unchanged_replicas
 from spotserve.controller.requests import RUNNING, RequestManager
 from spotserve.controller.rerouting import ReroutingMixin
-from spotserve.planner.migration import estimate_seconds
 from spotserve.planner.types import GPU, ParallelConfig, ReconfigurationPlan, RunningRequest
 
 SERVING, DRAINING, MIGRATING = "serving", "draining", "migrating"
 
 
-class Controller(ReroutingMixin, BackendEvents):
+class Controller(KVCacheMixin, ReroutingMixin, BackendEvents):
     """The policy side of a run. In: on_* events; out: Backend commands and the request table.
 
     warm_start: the first layout is taken as loaded before time 0 (the paper's runs start warm).
@@ -49,6 +47,7 @@ class Controller(ReroutingMixin, BackendEvents):
         self.warm_until = 0.0
         self.backend: Backend | None = None
         self.plan: ReconfigurationPlan | None = None  # the layout now served
+        self.held: ReconfigurationPlan | None = None  # held but not served yet (adopt_layout)
         self.replicas: dict[int, Replica] = {}
         self.phase = SERVING
         self.pending: tuple | None = None  # (seq, plan, decision, migrate_at, deadline, kept: new -> old replica)
@@ -136,13 +135,35 @@ class Controller(ReroutingMixin, BackendEvents):
         return [GPU(f"{i.name}/g{k}", i.name, k, mem) for i in insts for k in range(len(i.gpu_ids))]
 
     def _running(self) -> list[RunningRequest]:
-        return [RunningRequest(str(q.id), r.index, q.input_len, q.input_len + q.committed, q.committed, q.remaining)
-                for r in self.replicas.values() for q in r.requests if q.state == RUNNING]
+        """Requests of running batches as the planner sees them: the tokens produced so far when the
+        backend can tell (Backend.live_tokens), else those committed at batch start."""
+        out = []
+        for r in self.replicas.values():
+            live = self.backend.live_tokens(r.index, r.batch_id) if r.batch_id is not None else {}
+            for q in r.requests:
+                if q.state == RUNNING:
+                    done = min(max(q.committed, live.get(q.id, 0)), q.output_len)
+                    out.append(RunningRequest(str(q.id), r.index, q.input_len, q.input_len + done, done,
+                                              q.output_len - done))
+        return out
 
     def _earliest_deadline(self) -> float | None:
         used = {g for r in self.replicas.values() for g in r.gpus}
         ds = [i.deadline for i in self.instances.noticed() if used & set(self._gpu_ids(i))]
         return min(ds) if ds else None
+
+    def adopt_layout(self, plan: ReconfigurationPlan) -> None:
+        """A layout the GPUs already hold that no replica serves yet (workers adopted after a controller
+        restart): the first plan migrates from it, so the mapper keeps their context where it is; the
+        plan is then installed as usual. Raises ValueError once a layout is served or for a plan
+        that serves nothing."""
+        if self.plan is not None or self.replicas:
+            raise ValueError("adopt_layout: a layout is served already")
+        if not plan.serving:
+            raise ValueError("adopt_layout: the held layout has no config")
+        self.held = plan
+        self.log.emit(self.backend.now() if self.backend else 0.0, "held", config=plan.config.short(),
+                      extra=plan.extra.short() if plan.extra else None, gpus=len(plan.placement))
 
     def reconfigure(self, config: ParallelConfig, reason: str = "manual") -> bool:
         """Move to `config` now (an operator's or a benchmark's choice) through the usual migration.
@@ -175,7 +196,8 @@ class Controller(ReroutingMixin, BackendEvents):
     def _forced_gpus(self, gpus: list[GPU], config: ParallelConfig) -> tuple[list[GPU], list[GPU]]:
         """(the dp * pp * tp GPUs a forced config runs on, the others): the served layout's GPUs first, in
         position order (whole replicas, so their context stays), then the rest in order."""
-        rank = {g: i for i, (_, g) in enumerate(sorted(self.plan.placement.items()))} if self.plan else {}
+        base = self.plan or self.held
+        rank = {g: i for i, (_, g) in enumerate(sorted(base.placement.items()))} if base else {}
         ordered = sorted(gpus, key=lambda g: rank.get(g.id, len(rank)))
         return ordered[:config.world_size], ordered[config.world_size:]
 
@@ -219,7 +241,8 @@ class Controller(ReroutingMixin, BackendEvents):
             if self.approach.mode == "spotserve":
                 leaving = leaving + spare  # no position, but their context can still be sent
         frozen = forced or self._frozen_shape(gpus + leaving)
-        plan = self.policy.plan(gpus, self.rate, None if fresh else self.plan, running, leaving, self.approach,
+        current = None if fresh else (self.plan or self.held)
+        plan = self.policy.plan(gpus, self.rate, current, running, leaving, self.approach,
                                 frozen, forced=forced is not None)
         if plan.cannot_serve:
             self.log.emit(now, "cannot_serve", reason=plan.cannot_serve, trigger=reason, gpus=len(gpus))
@@ -280,22 +303,6 @@ class Controller(ReroutingMixin, BackendEvents):
         n = len(plan.replica_configs())
         return len(unchanged_replicas(self.plan, plan, running)) == n == len(self.plan.replica_configs())
 
-    def _keep_for(self, req, decision) -> str:
-        """How an interrupted request's context survives under this approach."""
-        if self.approach.mode != "spotserve" or not self.approach.arranger:
-            return "none"  # baselines and the no-arranger ablation: no KV migration, restart from scratch
-        plan = self.pending[1] if self.pending else None
-        rid = str(req.id)
-        moved = "kv" if plan is not None and rid in plan.continued and rid not in plan.lost_kv else "tokens"
-        if decision is None:
-            # no deadline (acquisition, rate change): the KV cache moves with the weights if the plan
-            # carries it; a notice without a decision (nothing to move to) keeps the committed tokens
-            return moved if not self.pending or self.pending[4] is None else "tokens"
-        d = decision.by_id().get(rid)
-        if d is None or d.action in ("move_kv", "finish"):
-            return moved  # "finish": it was expected to end before migration; its cache moves if not
-        return "tokens"  # reprefill (prompt + committed tokens) or requeue with committed tokens
-
     def _maybe_migrate(self, seq: int) -> None:
         if not self.pending or self.pending[0] != seq or self.phase != DRAINING:
             return
@@ -304,7 +311,7 @@ class Controller(ReroutingMixin, BackendEvents):
         if self.backend.now() + 1e-9 < self.pending[3] or any(
                 r.batch_id is not None and r.index not in kept_old for r in self.replicas.values()):
             return
-        plan = self._without_finished_kv(self.pending[1])
+        plan = self._settled_kv(self.pending[1])
         now = self.backend.now()
         self.phase = MIGRATING
         if not plan.serving:
@@ -333,19 +340,6 @@ class Controller(ReroutingMixin, BackendEvents):
             self.backend.execute_plan(plan, self.pending[0], stall)
         self.dispatch()
 
-    def _without_finished_kv(self, plan: ReconfigurationPlan) -> ReconfigurationPlan:
-        """The plan less the KV transfers of requests that finished (or lost their cache) while draining:
-        only caches that still exist move, and only they count in the migration time."""
-        if not any(t.tensor == "kv" for t in plan.transfers):
-            return plan
-        keep = {str(rid) for rid in self.requests.queue if self.requests.requests[rid].kv_ready}
-        moved = [t for t in plan.transfers if t.tensor != "kv" or t.request in keep]
-        if len(moved) == len(plan.transfers):
-            return plan
-        est = estimate_seconds(moved, {g: g.split("/")[0] for t in moved for g in (t.src, t.dst) if g},
-                               self.policy.cost.bandwidth)
-        return replace(plan, transfers=moved, est_seconds=est)
-
     def on_plan_done(self, plan_id: int) -> None:
         """Migration finished (or a rerouting replica finished loading)."""
         if self.approach.mode == "rerouting":
@@ -360,6 +354,7 @@ class Controller(ReroutingMixin, BackendEvents):
         now = self.backend.now()
         kept = kept or {}
         self.plan = plan if plan.serving else None
+        self.held = None
         self._ever_served = self._ever_served or plan.serving
         old, self.replicas = self.replicas, {}
         for idx, shape in plan.replica_configs():
@@ -373,26 +368,6 @@ class Controller(ReroutingMixin, BackendEvents):
             gpus = sorted(g for p, g in plan.placement.items() if p.replica == idx)
             self.replicas[idx] = Replica(idx, shape, gpus, now + offsets.get(idx, 0.0))
         self._move_kv_homes(kept)
-
-    def _move_kv_homes(self, kept: dict[int, int]) -> None:
-        """After a layout change: queued caches the plan moved live on their new replica; caches left
-        on an unchanged replica follow its new index; any other cache is gone (re-prefill instead)."""
-        renamed = {o: n for n, o in kept.items()}
-        homes = {}
-        for rid, old in self._kv_home.items():
-            if old in renamed:
-                homes[rid] = renamed[old]
-        homes.update(self._kv_pending)
-        self._kv_pending = {}
-        self._kv_home = {}
-        for rid in self.requests.queue:
-            req = self.requests.requests[rid]
-            if not req.kv_ready:
-                continue
-            if rid in homes and homes[rid] in self.replicas:
-                self._kv_home[rid] = homes[rid]
-            else:
-                req.kv_ready = False
 
     def _finish_migration(self) -> None:
         self.pending = None
@@ -424,15 +399,8 @@ class Controller(ReroutingMixin, BackendEvents):
                 self.requests.complete(req, p.finish_t if p and p.finish_t is not None else now)
             else:
                 self.requests.interrupt(req, keep_of(req))
-                if req.kv_ready:  # its cache moves to the replica the pending plan continues it on
-                    plan = self.pending[1] if self.pending else None
-                    new = plan.continued.get(str(req.id)) if plan is not None else None
-                    if new is None:
-                        self._kv_home[req.id] = r.index
-                    elif new in self.pending[5]:  # continued on an unchanged replica: its cache stays
-                        self._kv_home[req.id] = self.pending[5][new]
-                    else:
-                        self._kv_pending[req.id] = new
+                if req.kv_ready:
+                    self._home_kv(req, r.index)
         r.batch_id, r.requests = None, []
 
     def dispatch(self) -> None:

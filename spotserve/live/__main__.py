@@ -4,6 +4,9 @@
     mpirun -hostfile HOSTS -np N python -m spotserve.live --model-dir DIR --trace T.txt --time-scale 0.05
         # rank 0: controller + HTTP API; ranks 1..N-1: per-host agents that start/kill instances
 
+A restart with the same --state (a new process, or under mpirun a new job) reuses the previous
+controller's token and worker address, so workers that outlived it (--reconnect-s) are adopted.
+
 Availability: --instances (fixed start set), --trace (availability trace, time-scaled; notices
 --grace-s before each removal), the /admin/* endpoints, and --imds-url (AWS spot instance-action
 poller, one instance). Requests: the HTTP API, and optionally --arrivals FILE (replayed).
@@ -106,12 +109,10 @@ async def _main(args, agents: int, rank0_hook=None) -> int:
     cfg = LiveConfig(args.model_dir, profile, str(run), gpus_per_instance=args.gpus_per_instance,
                      approach=args.approach, rate=args.rate, grace_s=args.grace_s, state_path=args.state,
                      host=args.host, output_len=args.output_len, reconnect_s=args.reconnect_s)
-    token = None
-    if rank0_hook is not None:
-        import secrets
-
-        token = secrets.token_hex(32).encode()
-    svc = LiveService(cfg, token=token)
+    # the token: the one the state store's previous controller used (its workers, which may outlive it,
+    # authenticate with it), else a fresh one; under mpirun too (a restart there is a new job), rank 0
+    # then broadcasts it to the agents
+    svc = LiveService(cfg)
     address = await svc.listen()
     if rank0_hook is not None:
         rank0_hook(address.encode() + b"\n" + svc.token)
@@ -124,8 +125,8 @@ async def _main(args, agents: int, rank0_hook=None) -> int:
             key = Path(args.api_key_file).read_text().strip()
         server, port = await serve_http(create_app(svc, api_key=key), args.host, args.port)
         pids = {n: c.pid for n, c in sorted(svc.pool.conns.items()) if c.alive and not c.is_agent}
-        print(json.dumps({"event": "listening", "http": f"http://{args.host}:{port}", "workers": address,
-                          "worker_pids": pids, "adopted": sorted(svc.adopted)}), flush=True)
+        print(json.dumps({"event": "listening", "pid": os.getpid(), "http": f"http://{args.host}:{port}",
+                          "workers": address, "worker_pids": pids, "adopted": sorted(svc.adopted)}), flush=True)
     if args.imds_url:
         from spotserve.cloud.aws import SpotNoticePoller
 

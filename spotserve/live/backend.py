@@ -44,6 +44,7 @@ class BatchRun:
     finish_t: dict[int, float] = field(default_factory=dict)
     task: asyncio.Task | None = None
     step_s: float = 0.0  # latest step duration (to stop before `stop_at`, not after)
+    index: dict[int, int] = field(default_factory=dict)  # request id -> output tokens produced so far
 
 
 @dataclass
@@ -110,6 +111,7 @@ class LiveBackend(Backend):
         if rt.batch is not None:
             raise RuntimeError(f"replica {replica} already runs batch {rt.batch.batch_id}")
         b = BatchRun(batch_id, list(requests), {q.id: q.committed for q in requests})
+        b.index = dict(b.base)
         rt.batch = b
         b.task = asyncio.ensure_future(self._run_batch(rt, b))
 
@@ -119,6 +121,18 @@ class LiveBackend(Backend):
             return
         b = rt.batch
         b.stop_at = at if b.stop_at is None else min(b.stop_at, at)
+
+    def live_tokens(self, replica: int, batch_id: int) -> dict[int, int]:
+        """Output tokens each request of the running batch has produced (each committed as it comes)."""
+        rt = self.replicas.get(replica)
+        if rt is None or rt.batch is None or rt.batch.batch_id != batch_id:
+            return {}
+        return dict(rt.batch.index)
+
+    def kv_tokens(self, request_id: int) -> int | None:
+        """Cached positions of the KV pieces workers hold for a parked request (None if none is held)."""
+        lr = self.parked.get(request_id)
+        return None if lr is None or lr.kv_home is None else int(lr.kv_tokens)
 
     def abort_batch(self, replica: int, batch_id: int) -> list[Progress]:
         rt = self.replicas.get(replica)
@@ -165,7 +179,7 @@ class LiveBackend(Backend):
             workers = self._workers(rt)
             await self._all(workers, "add_requests", {"requests": [self._payload(q, rt) for q in b.reqs]})
             sampler = (rt.shape.pp - 1) * rt.shape.tp
-            index = {q.id: b.base[q.id] for q in b.reqs}
+            index = b.index  # kept on the batch: the controller reads it while planning (live_tokens)
             by_sid = {str(q.id): q for q in b.reqs}
             step = 0
             while any(index[q.id] < q.output_len for q in b.reqs):
@@ -274,7 +288,7 @@ class LiveBackend(Backend):
         self.emit("configure", config_id=cid, config=plan.config.short() if plan.config else None,
                   replicas={i: s for i, (_, s) in layout.items()}, kept={n: o for n, o in sorted(keep.items())},
                   planned_bytes=sum(t.nbytes for t in plan.transfers), planned_disk_bytes=plan.disk_bytes,
-                  fresh=fresh)
+                  planned_kv_bytes=sum(t.nbytes for t in plan.transfers if t.tensor == "kv"), fresh=fresh)
         asyncio.ensure_future(self._configure(cid, plan_id, idle_others=True, plan=plan, old_runs=old_runs))
 
     def load_replica(self, replica: int, shape: ParallelConfig, gpus: list[str], load_id: int,
@@ -392,6 +406,8 @@ class LiveBackend(Backend):
         summary.update(config_id=cid, seconds=round(secs, 4),
                        planned_bytes=sum(t.nbytes for t in plan.transfers) if plan is not None else 0,
                        planned_disk_bytes=plan.disk_bytes if plan is not None else 0,
+                       planned_kv_bytes=sum(t.nbytes for t in plan.transfers if t.tensor == "kv")
+                       if plan is not None else 0,
                        failed=sorted(n for n, r in results.items() if not isinstance(r, dict)
                                      and (n in msgs or n in mig.ranks)))  # an idle worker's failure changes nothing
         self.migrations.append(summary)

@@ -25,8 +25,9 @@ class Metrics:
         self.requests = Counter("spotserve_requests", "Requests by fate", ["fate"], registry=r)
         self.reconfigurations = Counter("spotserve_reconfigurations", "Configurations applied after the first",
                                         registry=r)
-        self.migration_bytes = Counter("spotserve_migration_bytes", "KV cache bytes moved to new positions",
-                                       registry=r)
+        self.migration_bytes = Counter("spotserve_migration_bytes",
+                                       "Weight and KV cache bytes workers received from other workers in "
+                                       "migrations", registry=r)
         self.disk_bytes = Counter("spotserve_checkpoint_bytes", "Weight bytes read from the checkpoint",
                                   registry=r)
         self.migration_seconds = Counter("spotserve_migration_seconds", "Seconds spent configuring workers",

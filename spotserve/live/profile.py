@@ -1,14 +1,17 @@
 """Measure a cost-model profile of a (small) checkpoint on this machine's CPU, for the live backend.
 
 The live cluster runs the same planner as the simulator, so its cost model must describe the
-machine it runs on, not a T4. This measures, in one process, the engine's prefill and decode step
+machine it runs on, not a T4. This measures, on a lone in-process engine, the prefill and decode step
 time per layer at several batch sizes (tp = 1; a tp > 1 entry is derived from the tp = 1 one
-plus a measured loopback round trip per all-reduce, marked as derived in the file), the loopback
-throughput the controller relays KV over and the warm checkpoint read speed, and writes the
-profile JSON format of spotserve.planner.profiles (ms per layer). It is optimistic for tp > 1 and
-misses the controller round trip of every step: `python -m spotserve.live` and the experiment
-driver use live/calibrate.py's measurement through the live path instead; this one is quick and
-serves tests and machines where worker processes cannot be started.
+plus a measured loopback round trip per all-reduce, marked as derived in the file), the worker-to-worker
+point-to-point throughput the migration executor moves weights and KV at (gloo between two
+processes, live/p2p.py) and the warm checkpoint read speed, and writes the profile JSON format of
+spotserve.planner.profiles (ms per layer). The link figure is a throughput of large messages: a
+small model's migration is dominated by fixed costs (process groups, rounds) it does not price.
+Step times are optimistic for tp > 1 and miss the controller round trip of every step:
+`python -m spotserve.live` and the experiment driver use live/calibrate.py's measurement through
+the live path instead (it shares this file's link and disk figures); this one is quick and serves
+tests.
 
     python -m spotserve.live.profile --model-dir DIR --out profile.json
 """
@@ -48,38 +51,29 @@ def _engine_times(model_dir: str, batch: int, prompt_len: int, steps: int) -> tu
     return best_p, best_d
 
 
-def _loopback(nbytes: int = 8 << 20) -> tuple[float, float]:
-    """(bytes/s, round-trip s) of a loopback TCP connection."""
+def _loopback_rtt(rounds: int = 50) -> float:
+    """Round-trip seconds of a 1-byte message on a loopback TCP connection (the transport gloo uses here)."""
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
 
     def echo():
         conn, _ = srv.accept()
         with conn:
-            got = 0
-            while got < nbytes:
-                got += len(conn.recv(1 << 20))
-            conn.sendall(b"k")
-            for _ in range(50):
+            for _ in range(rounds):
                 conn.sendall(conn.recv(1))
 
     th = threading.Thread(target=echo, daemon=True)
     th.start()
     with socket.create_connection(("127.0.0.1", port)) as c:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = b"\0" * nbytes
         t0 = time.perf_counter()
-        c.sendall(buf)
-        c.recv(1)
-        bw = nbytes / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(50):
+        for _ in range(rounds):
             c.sendall(b"x")
             c.recv(1)
-        rtt = (time.perf_counter() - t0) / 50
+        rtt = (time.perf_counter() - t0) / rounds
     th.join(timeout=5)
     srv.close()
-    return bw, rtt
+    return rtt
 
 
 def _disk_read(model_dir: str) -> float:
@@ -95,12 +89,16 @@ def _disk_read(model_dir: str) -> float:
 
 def base_profile(model_dir: str, prompt_len: int = 16, slot_memory_bytes: int = 256 << 20,
                  gpus_per_instance: int = 2) -> dict:
-    """The machine part of a live profile of `model_dir`, without step times: model shape, a
-    pipeline hop (one loopback round trip), the KV relay and checkpoint read bandwidths."""
+    """The machine part of a live profile of `model_dir`, without step times: model shape, a pipeline
+    hop (one loopback round trip), the worker-to-worker link bandwidth (gloo point-to-point between two
+    processes: the path the migration executor moves weights and KV on) and the checkpoint read
+    bandwidth. Starts one short-lived peer process (live/p2p.py)."""
+    from spotserve.live.p2p import measure_p2p
     from spotserve.models.loader import CheckpointReader
 
     spec = CheckpointReader(model_dir).spec
-    bw, rtt = _loopback()
+    bw, p2p_rtt = measure_p2p()
+    rtt = _loopback_rtt()
     return {
         "name": f"live-cpu-{spec.name}", "model": spec.name, "layer_num": spec.num_layers, "dtype": "fp32",
         "init_tokens": prompt_len, "final_fix_factor": 1.0, "embed": [],
@@ -108,9 +106,11 @@ def base_profile(model_dir: str, prompt_len: int = 16, slot_memory_bytes: int = 
         "pp_init_comm": rtt * 1e3, "pp_incr_comm": rtt * 1e3,
         "gpu_memory_bytes": slot_memory_bytes, "gpus_per_instance": gpus_per_instance,
         "reserved_bytes": 16 << 20,
-        # KV is relayed through the controller: two loopback hops
-        "bandwidth": {"intra_bytes_per_s": bw / 2, "inter_bytes_per_s": bw / 2,
-                      "disk_bytes_per_s": _disk_read(model_dir)},
+        # workers send each other weights and KV directly (no relay through the controller); on one host
+        # the link within and between "instances" is the same loopback
+        "bandwidth": {"intra_bytes_per_s": bw, "inter_bytes_per_s": bw, "disk_bytes_per_s": _disk_read(model_dir)},
+        "link": {"method": "gloo send/recv between two processes over loopback, 8 MiB messages",
+                 "bytes_per_s": bw, "round_trip_s": p2p_rtt},
     }
 
 

@@ -31,9 +31,18 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "ok": {},
     "error": {"message": (str,)},
     "tokens": {"config_id": (int,), "step": (int,), "tokens": (dict,)},
-    "kv": {"pieces": (dict,)},  # request id -> safetensors bytes of this worker's KV piece (or nil)
+    # reply to "export": the worker parks the KV pieces of the asked requests locally (the migration
+    # executor moves them worker to worker later); `pieces` stays for compatibility and is now always
+    # empty, `parked` maps request id -> cached positions of its piece here (nil: none held)
+    "kv": {"pieces": (dict,), "parked": (dict,)},
     "progress": {"config_id": (int,), "layer": (int,), "done": (bool,)},
     # controller -> worker
+    # optional "migration" (live/migrate.py migration_msg / parse_migration), the same map for every
+    # participant: "old" and "new" layouts of the replicas that change ({"shapes": [[replica, pp, tp]],
+    # "placement": [[replica, stage, shard, slot]], "block_size"}; "old" nil: all from the checkpoint),
+    # the planner's "transfers" ([src|nil, dst, tensor, layer, slice|nil, nbytes, request|nil, elems|nil]),
+    # the "requests" whose KV moves ([id, old replica, new replica, cached positions]), the "live" old
+    # slots that still hold context, and "ranks" (slot -> rank in the migration's process group)
     "configure": {"config_id": (int,), "config": (dict,), "position": (dict, type(None))},
     "add_requests": {"requests": (list,)},
     "step": {"config_id": (int,), "step": (int,)},

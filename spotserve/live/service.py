@@ -9,8 +9,9 @@ detected by the pool and its whole instance is treated as reclaimed without noti
 from `submit` (the HTTP API); a restart with the same state path resumes every unfinished request
 from its committed tokens. Workers outlive a lost controller for `reconnect_s`: a restart with the
 same state path listens on the same worker address with the same token, adopts the instances
-whose workers all came back (no new processes; their weights stay where they are, see adopt.py)
-and spawns the others.
+whose workers all came back (no new processes; their weights stay where they are, see adopt.py),
+gives the controller the layout they hold as the one its first plan starts from, and spawns the
+others.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from spotserve.controller.events import EventLog
 from spotserve.controller.instances import GONE, InstanceConfig, InstanceManager
 from spotserve.controller.policy import Policy
 from spotserve.controller.requests import REJECTED, RUNNING, RequestManager
-from spotserve.live.adopt import await_gone, await_slots, install_held
+from spotserve.live.adopt import await_gone, await_slots, held_plan, install_held, served_record
 from spotserve.live.backend import LiveBackend
 from spotserve.live.launcher import LocalLauncher
 from spotserve.live.metrics import Metrics
@@ -35,6 +36,7 @@ from spotserve.live.pool import WorkerConn, WorkerPool
 from spotserve.live.requests import LiveRequest
 from spotserve.live.state import StateStore
 from spotserve.planner.cost import CostModel, Workload
+from spotserve.planner.types import ParallelConfig
 
 log = logging.getLogger("spotserve.live")
 
@@ -163,6 +165,9 @@ class LiveService:
         self.backend.attach(self.controller)
         self._restore()
         adopted = await self._adopt(instances)
+        held = held_plan(list(self.backend.replicas.values()), self.store.get_meta("served"))
+        if held is not None:  # the first plan starts from what the adopted workers hold
+            self.controller.adopt_layout(held)
         self.started = True
         # the start set joins together, so the first plan sees all of it
         await asyncio.gather(*(self.acquire(name, join=False) for name in instances if name not in adopted))
@@ -173,10 +178,14 @@ class LiveService:
         """Stop for good: every worker is killed (a restart spawns new ones; only a controller that
         dies without closing leaves workers to adopt)."""
         if self.launcher is not None:
+            workers = [n for n, c in self.pool.conns.items() if c.alive and not c.is_agent]
             self.launcher.close()
             self.instances.clear()
             if self._cluster:
                 self._save_instances()
+            # an agent kills its host's workers on a command sent from this loop: let it go out (and the
+            # workers drop their connections) before the pool closes
+            await await_gone(self.pool, workers, 5.0)
         await self.pool.close()
         self.store.close()
 
@@ -293,6 +302,7 @@ class LiveService:
 
     def _on_configured(self, config_id: int, seconds: float) -> None:
         self._configure_s = max(seconds, 0.8 * self._configure_s)  # decays slowly: keep a safe margin
+        self.store.set_meta("served", served_record(self.controller.plan))  # a restart's held layout
         if self.backend.plans_done > 1:
             self.metrics.reconfigurations.inc()
         now = self.backend.now()
@@ -371,6 +381,21 @@ class LiveService:
         self.backend.emit("reclaim", instance=name, killed=pids, notice=False)
         self._mark_lost(name)
         self.controller.on_reclaim(name)
+
+    def reconfigure(self, config: ParallelConfig, reason: str = "manual") -> bool:
+        """Move to `config` now through the usual migration (an operator's choice; later plans are the
+        optimizer's again). Returns False when `config` is served already. Raises ValueError when the
+        controller refuses it (not enough ready GPUs, a replica that does not fit, rerouting) or
+        before the service has started."""
+        if not self.started:
+            raise ValueError("reconfigure: the service has not started")
+        try:
+            changed = self.controller.reconfigure(config, reason)
+        except ValueError as exc:
+            self.backend.emit("reconfigure", config=config.short(), reason=reason, refused=str(exc))
+            raise
+        self.backend.emit("reconfigure", config=config.short(), reason=reason, changed=changed)
+        return changed
 
     def kill_worker(self, slot: str) -> int:
         """SIGKILL one worker process without any notice (tests, chaos); returns its pid."""
