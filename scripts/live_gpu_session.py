@@ -277,11 +277,10 @@ def change_figures(evs: list[dict], plan, lrs, ref, t_call: float, p2p_bps: floa
     """Figures of one forced change from the backend's events since the call and the installed plan.
 
     Bytes: the executor's weight bytes (received less KV, plus checkpoint reads) must equal the plan's
-    weight transfers exactly. The plan sizes a request's KV with the tokens the controller knew when it
-    planned (`planned`: prompt + commit at batch start; a live batch commits its tokens to the
-    controller only when it stops), the executor moves the KV cached when the batch stopped (`moved`), so
-    the plan's KV bytes are compared scaled per request by moved / planned tokens (the same slices move);
-    `kv_whole_blocks`: the executor moved whole KV blocks of `block` tokens instead of the cached tokens."""
+    weight transfers exactly. The controller resizes the plan's KV transfers to the cache each stopped
+    request holds (Backend.kv_tokens), so the plan's KV bytes of the moved requests must equal the
+    executor's KV bytes; `kv_whole_blocks`: the executor moved whole KV blocks of `block` tokens (of
+    the `moved` cached tokens) instead. `planned` is kept in the record for reference."""
     conf = next((e for e in evs if e["event"] == "configure"), None)
     done = next((e for e in evs if e["event"] == "configured" and conf and e["config_id"] == conf["config_id"]), None)
     t_conf = conf["wall"] if conf else t_call
@@ -300,9 +299,9 @@ def change_figures(evs: list[dict], plan, lrs, ref, t_call: float, p2p_bps: floa
         ex["moved_bytes"] = done["received_bytes"] + done["checkpoint_bytes"]
         ex["weight_bytes"] = ex["moved_bytes"] - (done.get("kv_bytes") or 0)
         kv_moved = set(done.get("kv_moved") or [])
-        kv_expected = sum(b * moved[r] / planned[r] for r, b in kv_by_req.items() if r in kv_moved and planned.get(r))
-        kv_blocks = sum(b * -(-moved[r] // block) * block / planned[r] for r, b in kv_by_req.items()
-                        if r in kv_moved and planned.get(r))
+        kv_expected = sum(b for r, b in kv_by_req.items() if r in kv_moved)
+        kv_blocks = sum(b * -(-moved[r] // block) * block / moved[r] for r, b in kv_by_req.items()
+                        if r in kv_moved and moved.get(r))
         ex["kv_expected_bytes"], ex["kv_whole_block_bytes"] = round(kv_expected), round(kv_blocks)
         match = {"weights": ex["weight_bytes"] == net + disk, "kv": done.get("kv_bytes") == round(kv_expected),
                  "kv_whole_blocks": done.get("kv_bytes") == round(kv_blocks) != round(kv_expected),
