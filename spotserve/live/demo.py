@@ -69,10 +69,12 @@ async def _drive(svc, reqs, say) -> list[dict]:
         q = svc.rm.requests[lr.rid]
         rows.append({"id": lr.rid, "tokens": list(lr.tokens), "interruptions": q.interruptions,
                      "resumes": lr.resumes, "max_gap_s": lr.max_gap(), "recomputed": lr.recomputed})
+    shown = {"reclaim": ("instance", "killed", "notice"), "worker_lost": ("worker", "why"),
+             "configured": ("config_id", "seconds", "received_bytes", "checkpoint_bytes", "kv_bytes", "kv_moved",
+                            "lost_kv", "planned_bytes")}  # the full events are in the run's log
     for e in svc.backend.events:
-        if e["event"] in ("reclaim", "configured", "worker_lost"):
-            say(f"t={e['t']:.2f}s {e['event']} " + ", ".join(f"{k}={v}" for k, v in e.items()
-                                                           if k not in ("t", "wall", "event")))
+        if e["event"] in shown:
+            say(f"t={e['t']:.2f}s {e['event']} " + ", ".join(f"{k}={e[k]}" for k in shown[e["event"]] if k in e))
     for r in svc.recoveries:
         say(f"request {r['request']}: next token {r['seconds']:.3f} s after its worker was killed")
     for r in svc.notice_to_serving:
