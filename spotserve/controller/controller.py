@@ -10,7 +10,8 @@ its ablations (the reparallelization baseline restarts everything by definition)
 cache is resumed only on the replica that holds it. Changes at the same instant are planned once;
 a change that arrives while migrating is planned right after. `reconfigure` forces the next
 plan's config (operators, benchmarks); the migration is the same. Rerouting's replica bookkeeping
-lives in rerouting.py, that of surviving KV caches in kvcache.py.
+lives in rerouting.py, that of surviving KV caches in kvcache.py, the re-forming of a replica whose
+crashed worker was restarted in place in restart.py.
 """
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ from spotserve.controller.kvcache import KVCacheMixin
 from spotserve.controller.replicas import Replica, unchanged_replicas
 from spotserve.controller.requests import RUNNING, RequestManager
 from spotserve.controller.rerouting import ReroutingMixin
+from spotserve.controller.restart import WorkerRestartMixin
 from spotserve.planner.types import GPU, ParallelConfig, ReconfigurationPlan, RunningRequest
 
 SERVING, DRAINING, MIGRATING = "serving", "draining", "migrating"
 
 
-class Controller(KVCacheMixin, ReroutingMixin, BackendEvents):
+class Controller(KVCacheMixin, ReroutingMixin, WorkerRestartMixin, BackendEvents):
     """The policy side of a run. In: on_* events; out: Backend commands and the request table.
 
     warm_start: the first layout is taken as loaded before time 0 (the paper's runs start warm).
@@ -64,6 +66,7 @@ class Controller(KVCacheMixin, ReroutingMixin, BackendEvents):
         # new replica the pending plan moves it to (valid once that plan is installed)
         self._kv_home: dict[int, int] = {}
         self._kv_pending: dict[int, int] = {}
+        self._restarted: set[str] = set()  # GPUs whose restarted worker needs its replica re-formed (restart.py)
 
     def attach(self, backend: Backend) -> None:
         self.backend = backend
@@ -148,9 +151,12 @@ class Controller(KVCacheMixin, ReroutingMixin, BackendEvents):
         return out
 
     def _earliest_deadline(self) -> float | None:
+        """The earliest deadline, less the policy's reconfiguration margin, of a noticed instance that
+        serves (never before now: a replan inside the margin plans for right away)."""
         used = {g for r in self.replicas.values() for g in r.gpus}
-        ds = [i.deadline for i in self.instances.noticed() if used & set(self._gpu_ids(i))]
-        return min(ds) if ds else None
+        ds = [self.policy.planning_deadline(i.notice_t, i.deadline)
+              for i in self.instances.noticed() if used & set(self._gpu_ids(i))]
+        return max(min(ds), self.backend.now()) if ds else None
 
     def adopt_layout(self, plan: ReconfigurationPlan) -> None:
         """A layout the GPUs already hold that no replica serves yet (workers adopted after a controller
@@ -253,7 +259,7 @@ class Controller(KVCacheMixin, ReroutingMixin, BackendEvents):
                 (fresh and plan.config == self.plan.config and plan.extra == self.plan.extra)):
             return  # nothing changes (the reparallelization baseline restarts only for another config)
         self._seq += 1
-        kept = unchanged_replicas(self.plan, plan, running) if self._keeps_serving() else {}
+        kept = self._not_restarted(unchanged_replicas(self.plan, plan, running) if self._keeps_serving() else {})
         kept_old = set(kept.values())
         deadline = self._earliest_deadline() if self.approach.mode == "spotserve" else None
         decision = None

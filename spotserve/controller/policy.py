@@ -7,6 +7,9 @@ every approach runs the same planner code.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from spotserve.controller.approach import Approach
 from spotserve.planner.cost import CostModel, stage_layer_ranges
 from spotserve.planner.optimizer import Choice, ConfigOptimizer
@@ -27,11 +30,20 @@ class _ForcedOptimizer(ConfigOptimizer):
 class Policy:
     """Cost-model latencies and planner decisions, with the approach's switches applied."""
 
-    def __init__(self, cost: CostModel, engine_start_s: float = 0.0, pool_gpus: int | None = None):
+    def __init__(self, cost: CostModel, engine_start_s: float = 0.0, pool_gpus: int | None = None,
+                 reconfigure_margin_s: float | None = None):
+        """``reconfigure_margin_s``: the fixed cost of a reconfiguration (process groups, engine start)
+        that the cost model does not price; migration is planned to end that much before a deadline.
+        None: the profile's own figure when it carries one (attribute ``reconfigure_margin_s``), else 0."""
         if engine_start_s < 0:
             raise ValueError(f"engine_start_s must be >= 0, got {engine_start_s}")
+        if reconfigure_margin_s is None:
+            reconfigure_margin_s = float(getattr(cost.profile, "reconfigure_margin_s", None) or 0.0)
+        if not reconfigure_margin_s >= 0:
+            raise ValueError(f"reconfigure_margin_s must be >= 0, got {reconfigure_margin_s}")
         self.cost = cost
         self.engine_start_s = engine_start_s
+        self.reconfigure_margin_s = reconfigure_margin_s
         self.pool_gpus = pool_gpus
         self.optimizer = ConfigOptimizer(cost)
         self._planners: dict = {}
@@ -58,6 +70,16 @@ class Policy:
         return v
 
     # --- decisions ----------------------------------------------------------------------------
+    def margin_s(self, grace_s: float) -> float:
+        """Seconds before a deadline that migration is planned to end: the reconfiguration margin, at
+        most half the grace (``grace_s``: notice to deadline) so a short grace still leaves time to move."""
+        return min(self.reconfigure_margin_s, 0.5 * max(grace_s, 0.0))
+
+    def planning_deadline(self, notice_t: float, deadline: float) -> float:
+        """The deadline the planner works against for a notice at ``notice_t`` (the real one less the margin)."""
+        m = self.margin_s(deadline - notice_t)
+        return deadline - m if m else deadline
+
     def planner(self, approach: Approach, frozen: ParallelConfig | None, forced: bool = False) -> Planner:
         """The Planner for this switch combination (built once); ``forced``: ``frozen`` is a config an
         operator asked for (Controller.reconfigure), taken as it is."""
@@ -159,3 +181,17 @@ class Policy:
         per_gpu = ((hi - lo) * c.layer_bytes + c.embed_bytes) / shape.tp
         share = min(shape.pp * shape.tp, c.profile.gpus_per_instance or 4)
         return per_gpu * share / c.bandwidth["disk_bytes_per_s"] + self.engine_start_s
+
+
+def profile_margin_s(path: str | Path) -> float:
+    """The optional ``reconfigure_margin_s`` (seconds, >= 0) of a profile JSON file; 0 when absent.
+    Raises ValueError naming the file for unreadable JSON or a bad value."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+    value = data.get("reconfigure_margin_s", 0.0) if isinstance(data, dict) else 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{path}: field 'reconfigure_margin_s' must be a number >= 0, got {value!r}")
+    return float(value)

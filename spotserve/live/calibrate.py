@@ -17,7 +17,9 @@ The spread is recorded too, in the optional field ``step_jitter`` that the plann
 simulator replays (spotserve/sim/jitter.py): every timed run's prefill and mean decode step over the
 median of its (layout, batch size, cold|warm) cell, and the cold / warm median ratios. Rounds
 interleave the batch sizes and the idle pauses spread them over ~10 s, so the samples see the
-machine's slow and quiet moments rather than one instant. Output: the profile JSON of
+machine's slow and quiet moments rather than one instant. Each layout's configure round (process
+groups + engine start) is timed too: ``configure_s`` and the ``reconfigure_margin_s`` the planner keeps
+free before a deadline (profile.reconfigure_margin). Output: the profile JSON of
 spotserve.planner.profiles, with a "measured" record (method, model, slots per instance) that
 `python -m spotserve.live` uses to reuse a cached profile.
 
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from spotserve.live.launcher import LocalLauncher
 from spotserve.live.pool import WorkerPool
-from spotserve.live.profile import BATCHES, base_profile, profile_cli
+from spotserve.live.profile import BATCHES, base_profile, profile_cli, reconfigure_margin
 from spotserve.live.state import StateStore
 
 LAYOUTS = ((1, 1), (1, 2), (2, 1))
@@ -62,14 +64,18 @@ async def _time_batch(use, cid: int, sampler: int, batch: int, prompt_len: int, 
 
 
 async def _time_layout(conns, cid: int, pp: int, tp: int, store_port: int, prompt_len: int, steps: int, reps: int,
-                       vocab: int, state, idle_s: float) -> dict[int, dict[str, list[tuple[float, float]]]]:
-    """Batch size -> {"cold": [(prefill s, decode step s), ...], "warm": [...]} on one replica of (pp, tp)."""
+                       vocab: int, state, idle_s: float, configure_s: list[float]
+                       ) -> dict[int, dict[str, list[tuple[float, float]]]]:
+    """Batch size -> {"cold": [(prefill s, decode step s), ...], "warm": [...]} on one replica of (pp, tp);
+    appends the seconds its configure round (process groups + engine start) took to `configure_s`."""
     cfg = {"pp": pp, "tp": tp, "store_host": "127.0.0.1", "store_port": store_port, "block_size": 8,
            "num_blocks": 256, "max_batch": max(BATCHES), "timeout_s": 30.0}
     use = conns[:pp * tp]
+    t0 = time.perf_counter()
     await asyncio.gather(*(c.call("configure", {"config_id": cid, "config": cfg, "position":
                                                 {"replica": 0, "stage": r // tp, "shard": r % tp}}, 120)
                            for r, c in enumerate(use)))
+    configure_s.append(time.perf_counter() - t0)
     sampler = (pp - 1) * tp  # first shard of the last stage returns the tokens
     run = lambda b, tag: _time_batch(use, cid, sampler, b, prompt_len, steps, vocab, state,  # noqa: E731
                                      f"{cid}-{b}-{tag}")
@@ -104,7 +110,8 @@ def _commit(state, reply, index: int) -> None:
             state.commit(sid, index, [int(tok)])
 
 
-async def _measure(model_dir: str, prompt_len: int, steps: int, reps: int, idle_s: float) -> tuple[dict, object]:
+async def _measure(model_dir: str, prompt_len: int, steps: int, reps: int, idle_s: float,
+                   configure_s: list[float]) -> tuple[dict, object]:
     import torch.distributed as dist
 
     from spotserve.models.loader import CheckpointReader
@@ -125,7 +132,7 @@ async def _measure(model_dir: str, prompt_len: int, steps: int, reps: int, idle_
             if not spec.valid_tp(tp) or pp > spec.num_layers:
                 continue
             for b, t in (await _time_layout(conns, cid, pp, tp, store.port, prompt_len, steps, reps, spec.vocab,
-                                            state, idle_s)).items():
+                                            state, idle_s, configure_s)).items():
                 times[(pp, tp, b)] = t
         return times, spec
     finally:
@@ -142,7 +149,8 @@ async def measure_live_async(model_dir: str, prompt_len: int = 16, steps: int = 
     the workers do not connect, ValueError for reps < 1 or steps < 1."""
     if reps < 1 or steps < 1 or idle_s < 0:
         raise ValueError(f"calibration needs reps >= 1, steps >= 1 and idle_s >= 0 (got {reps}, {steps}, {idle_s})")
-    runs, spec = await _measure(model_dir, prompt_len, steps, reps, idle_s)
+    configure_s: list[float] = []
+    runs, spec = await _measure(model_dir, prompt_len, steps, reps, idle_s, configure_s)
     times = {k: (statistics.median(r[0] for r in v["warm"]), statistics.median(r[1] for r in v["warm"]))
              for k, v in runs.items()}
     L = spec.num_layers
@@ -159,6 +167,9 @@ async def measure_live_async(model_dir: str, prompt_len: int = 16, steps: int = 
         prof["pp_init_comm"] = max(0.0, statistics.median(times[(2, 1, b)][0] - times[(1, 1, b)][0]
                                                           for b in BATCHES)) * 1e3
     prof["step_jitter"] = jitter_record(runs, idle_s)
+    # the fixed cost of a reconfiguration, which the planner keeps free before a deadline
+    prof["configure_s"] = [round(x, 4) for x in configure_s]
+    prof["reconfigure_margin_s"] = reconfigure_margin(statistics.median(configure_s))
     return prof
 
 

@@ -11,7 +11,7 @@ small model's migration is dominated by fixed costs (process groups, rounds) it 
 Step times are optimistic for tp > 1 and miss the controller round trip of every step:
 `python -m spotserve.live` and the experiment driver use live/calibrate.py's measurement through
 the live path instead (it shares this file's link and disk figures); this one is quick and serves
-tests.
+tests. Both write ``reconfigure_margin_s`` (reconfigure_margin): here from the engine start time.
 
     python -m spotserve.live.profile --model-dir DIR --out profile.json
 """
@@ -27,13 +27,26 @@ from pathlib import Path
 BATCHES = (1, 2, 4, 8)
 
 
+_ENGINE_START: list[float] = []  # seconds of each engine construction measure() ran (the margin's input)
+MIN_CONFIGURE_S = 0.2  # group formation over loopback and the controller round trips, which one process cannot time
+
+
+def reconfigure_margin(configure_s: float) -> float:
+    """The profile's ``reconfigure_margin_s`` for a measured configure time (process groups + engine start):
+    twice it plus 0.3 s for stopping a batch and exporting its KV, with configure_s at least MIN_CONFIGURE_S;
+    the planner ends a migration that long before a deadline (Policy.planning_deadline)."""
+    return round(0.3 + 2 * max(configure_s, MIN_CONFIGURE_S), 4)
+
+
 def _engine_times(model_dir: str, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
     """(prefill s, decode-step s) of one batch on a lone engine, best of a few runs."""
     from spotserve.engine.config import EngineConfig
     from spotserve.engine.engine import Engine
     from spotserve.engine.sequence import SamplingParams
 
+    t0 = time.perf_counter()
     eng = Engine(EngineConfig(model_dir, max_batch=max(BATCHES), num_blocks=256))
+    _ENGINE_START.append(time.perf_counter() - t0)
     best_p, best_d = float("inf"), float("inf")
     for rep in range(3):
         for i in range(batch):
@@ -121,9 +134,12 @@ def measure(model_dir: str, prompt_len: int = 16, steps: int = 8, tps: tuple[int
 
     spec = CheckpointReader(model_dir).spec
     L = spec.num_layers
+    _ENGINE_START.clear()
     times = {b: _engine_times(model_dir, b, prompt_len, steps) for b in BATCHES}
+    starts = sorted(_ENGINE_START)
     prof = base_profile(model_dir, prompt_len, slot_memory_bytes, gpus_per_instance)
-    prof["derived"] = {}
+    prof["derived"] = {"reconfigure_margin_s": "0.3 s + 2 x (median engine start, at least 0.2 s)"}
+    prof["reconfigure_margin_s"] = reconfigure_margin(starts[len(starts) // 2])
     rtt = prof["pp_incr_comm"] / 1e3
     for tp in tps:
         if not spec.valid_tp(tp):

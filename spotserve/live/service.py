@@ -26,13 +26,15 @@ from spotserve.controller.approach import get_approach
 from spotserve.controller.controller import Controller
 from spotserve.controller.events import EventLog
 from spotserve.controller.instances import GONE, InstanceConfig, InstanceManager
-from spotserve.controller.policy import Policy
+from spotserve.controller.policy import Policy, profile_margin_s
 from spotserve.controller.requests import REJECTED, RUNNING, RequestManager
 from spotserve.live.adopt import await_gone, await_slots, held_plan, install_held, served_record
 from spotserve.live.backend import LiveBackend
+from spotserve.live.daemons import daemon_pid
+from spotserve.live.forkserver import alive
 from spotserve.live.launcher import LocalLauncher
 from spotserve.live.metrics import Metrics
-from spotserve.live.pool import WorkerConn, WorkerPool
+from spotserve.live.pool import CommandError, WorkerConn, WorkerLost, WorkerPool
 from spotserve.live.requests import LiveRequest
 from spotserve.live.state import StateStore
 from spotserve.planner.cost import CostModel, Workload
@@ -61,6 +63,7 @@ class LiveConfig:
     connect_timeout_s: float = 120.0
     reconnect_s: float = 30.0  # workers keep their context this long after losing the controller
     adopt_wait_s: float = 5.0  # a restart waits at most this long for the workers it had to come back
+    respawn_timeout_s: float = 30.0  # engine "daemon" on: a crashed worker is restarted on its slot within this
     engine: dict = field(default_factory=lambda: {"block_size": 8, "num_blocks": 128, "max_batch": 8,
                                                   "timeout_s": 10.0})
 
@@ -71,8 +74,8 @@ class LiveConfig:
             raise ValueError("LiveConfig.grace_s and rate must be >= 0")
         if not 0 < self.heartbeat_s < self.heartbeat_timeout_s:
             raise ValueError("LiveConfig: need 0 < heartbeat_s < heartbeat_timeout_s")
-        if self.reconnect_s < 0 or self.adopt_wait_s < 0:
-            raise ValueError("LiveConfig.reconnect_s and adopt_wait_s must be >= 0")
+        if self.reconnect_s < 0 or self.adopt_wait_s < 0 or self.respawn_timeout_s < 0:
+            raise ValueError("LiveConfig.reconnect_s, adopt_wait_s and respawn_timeout_s must be >= 0")
         get_approach(self.approach)
 
 
@@ -111,7 +114,7 @@ class LiveService:
         self._lost_at: dict[int, tuple[float, str]] = {}
         self._noticed: dict[str, float] = {}
         self._notice_pending: dict[str, tuple[float, int]] = {}
-        self._configure_s = 0.2
+        self._respawning: set[str] = set()  # slots whose crashed worker is being restarted
         self.started = False
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -151,7 +154,8 @@ class LiveService:
             self.launcher = LocalLauncher(self.address, self.token_file, c.model_dir, self.run_dir / "logs",
                                           c.heartbeat_s, reconnect_s=c.reconnect_s)
         cost = CostModel.from_profile(c.profile, spec=self.spec, workload=Workload(c.prompt_len, c.output_len))
-        self.policy = Policy(cost)
+        # the profile's reconfiguration margin (live calibration measures it); the simulator plans with the same
+        self.policy = Policy(cost, reconfigure_margin_s=profile_margin_s(c.profile))
         inst_cfg = InstanceConfig(gpus_per_instance=c.gpus_per_instance, gpu_memory_bytes=cost.gpu_memory_bytes,
                                   grace_s=c.grace_s)
         self.rm = RequestManager(max_seq_len=self.spec.max_positions + 1)
@@ -301,7 +305,6 @@ class LiveService:
                                     "seconds": round(self.backend.now() - lost[0], 4)})
 
     def _on_configured(self, config_id: int, seconds: float) -> None:
-        self._configure_s = max(seconds, 0.8 * self._configure_s)  # decays slowly: keep a safe margin
         self.store.set_meta("served", served_record(self.controller.plan))  # a restart's held layout
         if self.backend.plans_done > 1:
             self.metrics.reconfigurations.inc()
@@ -329,14 +332,13 @@ class LiveService:
         """A reclaim notice for `name`: plan now, SIGKILL it at the deadline. Returns the deadline."""
         grace = self.config.grace_s if grace_s is None else grace_s
         deadline = self.backend.now() + grace
-        # The cost model prices the bytes a migration moves, not the fixed cost of stopping a batch,
-        # exporting its KV and re-forming process groups here; the controller plans against a
-        # deadline earlier by that measured overhead, the SIGKILL still comes at the real one.
-        margin = min(grace * 0.5, 0.3 + 2 * self._configure_s)
+        # the controller plans against the deadline less the policy's reconfiguration margin (the fixed
+        # cost the cost model does not price); the SIGKILL comes at the real one
         self._noticed[name] = self.backend.now()
         self._notice_pending[name] = (self.backend.now(), self.backend.config_id)
-        self.backend.emit("notice", instance=name, deadline=round(deadline, 4), margin=round(margin, 3))
-        self.controller.on_notice(name, deadline - margin)
+        self.backend.emit("notice", instance=name, deadline=round(deadline, 4),
+                          margin=round(self.policy.margin_s(grace), 3))
+        self.controller.on_notice(name, deadline)
         self.backend.call_at(deadline, lambda: self.reclaim(name))
         return deadline
 
@@ -366,7 +368,8 @@ class LiveService:
                         self._lost_at[q.id] = (now, name)
 
     def _worker_lost(self, conn: WorkerConn, why: str) -> None:
-        """A worker died without notice: its instance is gone (kill the rest of it), resume elsewhere."""
+        """A worker died without notice. With the engine's context daemons on, it is restarted on its slot
+        (_respawn); otherwise its instance is gone (kill the rest of it) and its requests resume elsewhere."""
         name = conn.instance
         if conn.is_agent or name in self._reclaiming or not self.started:
             return
@@ -374,6 +377,50 @@ class LiveService:
         self.backend.emit("worker_lost", worker=conn.name, why=why)
         if inst is None or inst.state == GONE:
             return
+        if self.config.engine.get("daemon") and hasattr(self.launcher, "respawn") and conn.name not in self._respawning:
+            # its slot's context daemon lives on: restart the worker there instead of losing the instance
+            self._respawning.add(conn.name)
+            self.controller.on_worker_lost(conn.name)
+            asyncio.ensure_future(self._respawn(conn.name))
+            return
+        self._lose(name)
+
+    async def _respawn(self, slot: str) -> None:
+        """Restart the crashed worker of `slot`: once the surviving workers of its replica are free (they
+        answer a ping after their step with the dead peer failed) and the new worker said hello (its
+        `holds` re-attached from the daemon), the controller re-forms the replica. A worker that does not
+        come back within respawn_timeout_s: the instance is lost after all."""
+        name, t0 = slot.rsplit("/", 1)[0], time.monotonic()
+        timeout = self.config.respawn_timeout_s
+        rt = next((r for r in self.backend.replicas.values() if slot in r.slots), None)
+        peers = [s for s in (rt.slots if rt is not None else []) if s != slot]
+        try:
+            conns = [self.pool.alive(s) for s in peers]
+            if any(c is None for c in conns):
+                raise WorkerLost(f"a peer of {slot} is gone too")
+            await asyncio.gather(*(c.call("ping", {}, timeout) for c in conns))
+            dpid = daemon_pid(self.launcher.daemon_name(slot))
+            if dpid is None or not alive(dpid):
+                raise WorkerLost(f"the context daemon of {slot} is gone too (the instance went)")
+            pid = self.launcher.respawn(slot)
+            conn = (await self.pool.wait_for([slot], timeout))[0]
+        except (WorkerLost, CommandError, asyncio.TimeoutError, TimeoutError, ValueError, OSError) as exc:
+            self.backend.emit("respawn_failed", worker=slot, error=str(exc)[:300])
+            if name not in self._reclaiming:
+                self._lose(name)
+            return
+        finally:
+            self._respawning.discard(slot)
+        if name in self._reclaiming or name not in self.instances:
+            return  # taken back meanwhile
+        holds = conn.hello.get("holds")
+        self.backend.held[slot] = tuple(holds) if holds else None
+        self.backend.emit("worker_restarted", worker=slot, pid=pid, holds=holds,
+                          attached_bytes=conn.hello.get("attached_bytes"), seconds=round(time.monotonic() - t0, 3))
+        self.controller.on_worker_restarted(slot)
+
+    def _lose(self, name: str) -> None:
+        """The instance `name` is gone without notice: kill the rest of it, resume elsewhere."""
         self._reclaiming.add(name)
         pids = self.launcher.kill(name)
         self._forget(name)

@@ -50,6 +50,9 @@ class Profile:
     reserved_bytes: int | None = None
     bandwidth: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
+    # fixed cost of a reconfiguration (process groups, engine start): the controller plans a notice
+    # against the deadline less this margin; measured by live profiles, 0 in the paper's T4 profiles
+    reconfigure_margin_s: float = 0.0
 
     def __post_init__(self):
         where = f"profile {self.name}"
@@ -65,6 +68,8 @@ class Profile:
                     raise ValueError(f"{where}: tp-{tp}/bsz-{b} times must be positive, got {init}, {incr}")
         if self.final_fix_factor <= 0 or self.pp_init_comm < 0 or self.pp_incr_comm < 0:
             raise ValueError(f"{where}: final_fix_factor must be > 0 and comm times >= 0")
+        if not self.reconfigure_margin_s >= 0:
+            raise ValueError(f"{where}: reconfigure_margin_s must be >= 0, got {self.reconfigure_margin_s}")
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"{where}: dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
         for key in self.bandwidth:
@@ -136,6 +141,7 @@ def parse_profile(data: dict, where: str = "profile") -> Profile:
         reserved_bytes=opt_int("reserved_bytes"),
         bandwidth={k: float(v) for k, v in bandwidth.items()},
         memory={k: float(v) for k, v in memory.items()},
+        reconfigure_margin_s=_num(data, "reconfigure_margin_s", where, 0.0),
     )
 
 

@@ -23,6 +23,7 @@ from spotserve.live import protocol as P
 from spotserve.live.migrate import (Migration, backend_of, device_of, migration_msg, network_gpus, parse_migration,
                                     usable_transfers)
 from spotserve.live.service import LiveConfig
+from spotserve.live.profile import reconfigure_margin
 from spotserve.models import get_spec
 from spotserve.planner.types import Position, Transfer
 
@@ -35,7 +36,9 @@ def _profile() -> dict:
     d = {"name": "synthetic-tiny", "model": "opt-tiny", "layer_num": SPEC.num_layers, "dtype": "fp32",
          "init_tokens": 16, "final_fix_factor": 1.0, "embed": [], "pp_init_comm": 20.0, "pp_incr_comm": 20.0,
          "gpu_memory_bytes": 500_000, "gpus_per_instance": 2, "reserved_bytes": 0,
-         "bandwidth": {"intra_bytes_per_s": 1e9, "inter_bytes_per_s": 1e9, "disk_bytes_per_s": 1e8}}
+         "bandwidth": {"intra_bytes_per_s": 1e9, "inter_bytes_per_s": 1e9, "disk_bytes_per_s": 1e8},
+         # what a reconfiguration's process groups and engine start cost here (a calibrated profile measures it)
+         "reconfigure_margin_s": reconfigure_margin(0.5)}
     for tp, f in ((1, 8.0), (2, 4.0), (3, 1.0)):
         d[f"tp-{tp}"] = {f"bsz-{b}": {"init": f * (1 + 0.2 * b), "incr": f * (0.5 + 0.05 * b)} for b in (1, 2, 4, 8)}
     return d
