@@ -53,6 +53,11 @@ def _args(argv):
     ap.add_argument("--step-pause-s", type=float, default=0.0, help="pause between decode steps (demos)")
     ap.add_argument("--reconnect-s", type=float, default=30.0,
                     help="workers outlive a lost controller this long; a restart with the same --state adopts them")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="workers' device: cuda gives slot INSTANCE/gK the GPU K, NCCL between workers")
+    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights and KV (default fp32 on cpu, fp16 on cuda)")
+    ap.add_argument("--daemon", action="store_true",
+                    help="keep each slot's weight shards in a context daemon (a crashed worker re-attaches them)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
 
@@ -109,6 +114,8 @@ async def _main(args, agents: int, rank0_hook=None) -> int:
     cfg = LiveConfig(args.model_dir, profile, str(run), gpus_per_instance=args.gpus_per_instance,
                      approach=args.approach, rate=args.rate, grace_s=args.grace_s, state_path=args.state,
                      host=args.host, output_len=args.output_len, reconnect_s=args.reconnect_s)
+    cfg.engine.update(device=args.device, dtype=args.dtype or ("fp16" if args.device == "cuda" else "fp32"),
+                      daemon=args.daemon)
     # the token: the one the state store's previous controller used (its workers, which may outlive it,
     # authenticate with it), else a fresh one; under mpirun too (a restart there is a new job), rank 0
     # then broadcasts it to the agents
