@@ -16,6 +16,8 @@ from spotserve.sim.jitter import StepJitter
 from spotserve.sim.run import SimConfig, simulate
 from spotserve.sim.traces import Arrival
 
+from .sim_helpers import FixedPolicy, Recorder
+
 COST = load_cost("20B", PACKAGE_DATA)
 TRACE = parse_availability_lines(['[0, "add", {"nodes": ["a", "b", "c", "d"]}]',
                                   '[200000, "remove", {"nodes": ["c"]}]', '[400000, "DONE", {"nodes": []}]'])
@@ -56,25 +58,6 @@ def test_jitter_is_deterministic_for_a_seed():
     assert run(SPREAD, seed=3).records != run(SPREAD, seed=4).records
 
 
-class FixedPolicy:
-    def prefill_s(self, shape, n, prompt):
-        return 2.0
-
-    def step_s(self, shape, n):
-        return 0.5
-
-
-class Recorder:
-    def __init__(self):
-        self.done = []
-
-    def attach(self, backend):
-        self.backend = backend
-
-    def on_batch_done(self, replica, batch_id, progress, stopped=False):
-        self.done.append((self.backend.now(), {p.request_id: p for p in progress}))
-
-
 def one_batch(be, t, rid):
     rm = RequestManager()
     rm.arrive(rid, t, 512, 5)
@@ -90,7 +73,7 @@ def test_a_batch_takes_its_drawn_factors_and_a_cold_one_pays_the_idle_factors():
     be.attach(rec)
     one_batch(be, 0.0, 0)  # a fresh replica is cold: P = 2*2*1.5 = 6, S = 0.5*3*2 = 3, 4 steps after prefill
     assert rec.done[-1][0] == pytest.approx(6.0 + 4 * 3.0)
-    assert rec.done[-1][1][0].first_token_t == pytest.approx(6.0)
+    assert rec.done[-1][3][0].first_token_t == pytest.approx(6.0)
     one_batch(be, 18.5, 1)  # idle 0.5 s < 1 s: warm, P = 4, S = 1.5
     assert rec.done[-1][0] == pytest.approx(18.5 + 4.0 + 4 * 1.5)
     one_batch(be, 30.0, 2)  # idle 1.5 s: cold again
