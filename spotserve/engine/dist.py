@@ -27,6 +27,16 @@ BEFORE_DESTROY: list = []
 _gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def fresh_group_names() -> None:
+    """Before forming a default process group: restart torch's per-process group numbering. Peers
+    find each other under store keys named by that number, and torch resets it only when a default
+    group is destroyed: an init that failed half-way (a peer died, the rendezvous timed out) leaves
+    it one ahead, and every later group of this process would wait on keys no peer writes."""
+    c10d = dist.distributed_c10d
+    if not dist.is_initialized() and hasattr(c10d, "_world"):
+        c10d._world.group_count = 0
+
+
 class CollectiveError(RuntimeError):
     """A collective or point-to-point call failed (timeout or transport error)."""
 
@@ -144,6 +154,7 @@ def init_world(timeout_s: float = 60.0, backend: str | None = None, heartbeat_s:
     timeout = timedelta(seconds=timeout_s)
     try:
         store = dist.TCPStore(addr, port, size, is_master=(rank == 0), timeout=timeout, wait_for_workers=True)
+        fresh_group_names()
         dist.init_process_group(backend, store=dist.PrefixStore("pg/", store), rank=rank, world_size=size,
                                 timeout=timeout)
     except Exception as exc:

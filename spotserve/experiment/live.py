@@ -120,6 +120,7 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
     from spotserve.experiment.data import load_trace
     from spotserve.experiment.outputs import write_result, write_summary
     from spotserve.experiment.runner import workload
+    from spotserve.live.refit import refit_profile
     from spotserve.models.loader import CheckpointReader
     from spotserve.planner.cost import CostModel, Workload
     from spotserve.sim.jitter import StepJitter
@@ -136,7 +137,7 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
         if Path(profile).resolve() != (out / "profile.json").resolve():
             shutil.copyfile(profile, out / "profile.json")  # what both backends planned with (and the sim's jitter)
         spec = CheckpointReader(model_dir).spec
-        summaries = {}
+        summaries, backend_events = {}, {}
         for name in approaches:
             say(f"live {name}: {len(arrivals)} requests over {trace.duration:.0f} s, trace {trace_name} x {scale:.3g}")
             svc, end_t = asyncio.run(asyncio.wait_for(
@@ -153,6 +154,7 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
             res.summary["notice_to_serving_s"] = [r["seconds"] for r in svc.notice_to_serving]
             with (out / f"backend_{name}.jsonl").open("w") as f:
                 f.writelines(json.dumps(e) + "\n" for e in svc.backend.events)
+            backend_events[name] = svc.backend.events
             summaries[name] = res.summary
         if lo.compare_sim:
             cost = CostModel.from_profile(profile, spec=spec, workload=Workload(lo.input_len, lo.output_len))
@@ -170,6 +172,21 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
                 summaries[name]["live_over_sim"] = agree
                 say(f"{name}: live / sim latency P50 {agree['p50']}, P99 {agree['p99']} "
                     f"(within 25% of each other: {'yes' if agree['within_25pct'] else 'no'})")
+                # the same simulation with the profile re-fitted to this run's measured step times:
+                # checks the simulator's model of the system apart from the machine's drift
+                refit = refit_profile(json.loads(Path(profile).read_text()), backend_events[name], cost)
+                path = out / f"profile_refit_{name}.json"
+                path.write_text(json.dumps(refit, indent=1))
+                rcost = CostModel.from_profile(path, spec=spec, workload=Workload(lo.input_len, lo.output_len))
+                res = simulate(rcost, trace, arrivals, get_approach(name), replace(cfg, jitter=StepJitter.from_profile(path)))
+                res = replace(res, approach=f"{name}@sim-refit")
+                write_result(out, res)
+                summaries[res.approach] = res.summary
+                agree = compare_sim(summaries[name], res.summary)
+                summaries[name]["live_over_sim_refit"] = {**agree, "scale": refit["refit"]["scale"]}
+                say(f"{name}: live / sim re-fitted to this run's step times (x{refit['refit']['scale']['prefill']} "
+                    f"prefill, x{refit['refit']['scale']['decode']} decode) P50 {agree['p50']}, P99 {agree['p99']} "
+                    f"(within 25%: {'yes' if agree['within_25pct'] else 'no'})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     meta = {"kind": "e2e", "backend": "live", "model": spec.name, "paper_model": model, "trace": trace.name,

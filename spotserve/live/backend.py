@@ -45,6 +45,8 @@ class BatchRun:
     task: asyncio.Task | None = None
     step_s: float = 0.0  # latest step duration (to stop before `stop_at`, not after)
     index: dict[int, int] = field(default_factory=dict)  # request id -> output tokens produced so far
+    idle_s: float | None = None  # how long its replica sat idle before it (None: its first batch)
+    fresh: bool = True  # every request prefills its prompt only (no resumed request)
 
 
 @dataclass
@@ -56,6 +58,8 @@ class ReplicaRun:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     batch: BatchRun | None = None
     failed: str | None = None
+    idle_from: float | None = None  # when its last batch ended (None: none ran yet on this replica)
+    repairs: int = 0  # reloads after a failed configure (see LiveBackend._repair)
 
 
 class LiveBackend(Backend):
@@ -78,6 +82,9 @@ class LiveBackend(Backend):
         self.events: list[dict] = []  # structured log (JSON lines on request)
         self.on_token: Callable[[LiveRequest, int], None] | None = None
         self.on_configured: Callable[[int, float], None] | None = None
+        # (slots, why): a replica that cannot be configured although its workers live; the service
+        # gives up their instances so the controller re-plans without them
+        self.on_unservable: Callable[[list[str], str], None] | None = None
         self.plans_done = 0
         self.parked: dict[int, LiveRequest] = {}  # requests whose KV pieces workers hold (kv_home)
         self.held: dict[str, tuple] = {}  # slot -> (pp, tp, stage, shard) of the weights it holds
@@ -112,6 +119,8 @@ class LiveBackend(Backend):
             raise RuntimeError(f"replica {replica} already runs batch {rt.batch.batch_id}")
         b = BatchRun(batch_id, list(requests), {q.id: q.committed for q in requests})
         b.index = dict(b.base)
+        b.idle_s = self.now() - rt.idle_from if rt.idle_from is not None else None
+        b.fresh = all(q.committed == 0 and not q.kv_ready for q in requests)
         rt.batch = b
         b.task = asyncio.ensure_future(self._run_batch(rt, b))
 
@@ -164,6 +173,8 @@ class LiveBackend(Backend):
         elif q.committed or home is not None:
             lr.reprefilled += len(lr.prompt) + q.committed
             lr.resumes.append({"how": "prefill", "at": q.committed})
+        elif q.interruptions:  # interrupted before its first token (or its tokens were dropped): from scratch
+            lr.resumes.append({"how": "restart", "at": 0})
         return body
 
     def _unpark(self, lr: LiveRequest) -> None:
@@ -177,7 +188,9 @@ class LiveBackend(Backend):
             if rt.failed:
                 raise CommandError(f"replica {rt.index} failed to configure: {rt.failed}")
             workers = self._workers(rt)
+            t_add = time.monotonic()
             await self._all(workers, "add_requests", {"requests": [self._payload(q, rt) for q in b.reqs]})
+            prefill_s, decode_s = None, 0.0
             sampler = (rt.shape.pp - 1) * rt.shape.tp
             index = b.index  # kept on the batch: the controller reads it while planning (live_tokens)
             by_sid = {str(q.id): q for q in b.reqs}
@@ -191,6 +204,10 @@ class LiveBackend(Backend):
                     await asyncio.sleep(self.step_pause_s)
                 replies = await self._all(workers, "step", {"config_id": rt.config_id, "step": step})
                 b.step_s = time.monotonic() - t0
+                if step == 0:  # as the calibration times it: add_requests round trip + the prefill step
+                    prefill_s = time.monotonic() - t_add
+                else:
+                    decode_s += b.step_s
                 step += 1
                 now = self.now()
                 # one store transaction per step; no await inside, so no reader sees a token before
@@ -203,6 +220,12 @@ class LiveBackend(Backend):
                         b.first_t.setdefault(q.id, now)
                         if index[q.id] >= q.output_len:
                             b.finish_t[q.id] = now
+            if step:  # what the in-run refit of the profile reads (spotserve/live/refit.py)
+                self.emit("batch_done", replica=rt.index, batch=b.batch_id, pp=rt.shape.pp, tp=rt.shape.tp,
+                          m=rt.shape.micro_batches, size=len(b.reqs), fresh=b.fresh,
+                          prompt=sum(len(self.requests[q.id].prompt) for q in b.reqs) / len(b.reqs),
+                          idle_s=None if b.idle_s is None else round(b.idle_s, 4),
+                          prefill_s=round(prefill_s, 6), decode_steps=step - 1, decode_s=round(decode_s, 6))
             live = [str(q.id) for q in b.reqs if index[q.id] < q.output_len]
             if stopped and live:
                 await self._park(rt, workers, live, index)
@@ -219,6 +242,7 @@ class LiveBackend(Backend):
         if rt.batch is not b:
             return
         rt.batch = None
+        rt.idle_from = self.now()
         self.controller.on_batch_done(rt.index, b.batch_id, self._progress(b), stopped)
 
     async def _park(self, rt: ReplicaRun, workers: list[WorkerConn], live: list[str], index: dict) -> None:
@@ -393,14 +417,17 @@ class LiveBackend(Backend):
 
         await asyncio.gather(*(one(n, b) for n, b in targets.items()))
         ok = {n: r for n, r in results.items() if isinstance(r, dict)}
+        repair = []
         for rt in self.replicas.values():
             if rt.config_id != cid:
                 continue
             errs = [f"{s}: {results.get(s)}" for s in rt.slots if not isinstance(results.get(s), dict)]
             rt.failed = "; ".join(errs)[:500] or None
+            if rt.failed and not rt.repairs and all(self.pool.alive(s) is not None for s in rt.slots):
+                repair.append(rt)  # its workers live: its batches wait for the reload, not fail
         summary = self._settle_migration(cid, mig, ok)
         for rt in self.replicas.values():
-            if rt.config_id == cid:
+            if rt.config_id == cid and rt not in repair:
                 rt.ready.set()
         secs = time.monotonic() - t0
         summary.update(config_id=cid, seconds=round(secs, 4),
@@ -416,10 +443,30 @@ class LiveBackend(Backend):
             self.metrics.migration_seconds.inc(secs)
             self.metrics.disk_bytes.inc(summary["loaded_bytes"])
             self.metrics.migration_bytes.inc(summary["received_bytes"])
+        for rt in repair:
+            asyncio.ensure_future(self._repair(rt))
+        if plan_id is None:  # a repair: no plan of the controller's waits for it
+            return
         self.plans_done += 1
         if self.on_configured is not None:
             self.on_configured(cid, secs)
         self.controller.on_plan_done(plan_id)
+
+    async def _repair(self, rt: ReplicaRun) -> None:
+        """A replica whose workers live but failed to configure (say a peer of its migration died
+        mid-way) loads its shards again on its own, from the checkpoint or its context daemons. Failing
+        again, its workers are reported lost, so the controller re-plans without them: a replica that
+        cannot serve is never kept, else its requests would come back to it forever."""
+        if self.replicas.get(rt.index) is not rt:
+            return  # a later plan replaced it
+        why = rt.failed or ""
+        rt.repairs += 1
+        self.config_id += 1
+        rt.config_id, rt.failed = self.config_id, None
+        self.emit("repair", replica=rt.index, config_id=rt.config_id, why=why[:300])
+        await self._configure(rt.config_id, None, idle_others=False, only=[rt.index])
+        if rt.failed and self.on_unservable is not None:
+            self.on_unservable(rt.slots, f"replica {rt.index} failed to configure twice: {rt.failed[:200]}")
 
     def _settle_migration(self, cid: int, mig: Migration, ok: dict[str, dict]) -> dict:
         """Where each moved KV cache now lives, and the executor's figures summed over workers."""

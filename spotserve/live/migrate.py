@@ -132,11 +132,14 @@ def join_group(host: str, port: int, prefix: str, rank: int, world: int, backend
     the controller's TCPStore under key prefix `prefix`. Returns the prefixed store."""
     import torch.distributed as dist
 
+    from spotserve.engine.dist import fresh_group_names
+
     if host in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = timedelta(seconds=timeout_s)
     base = dist.TCPStore(host, port, is_master=False, timeout=timeout)
     store = dist.PrefixStore(prefix, base)
+    fresh_group_names()  # a failed join before this one must not shift this group's store keys
     dist.init_process_group(backend, store=dist.PrefixStore("pg/", store), rank=rank, world_size=world,
                             timeout=timeout)
     if backend == "nccl":

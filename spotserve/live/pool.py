@@ -166,6 +166,13 @@ class WorkerPool:
                 if c.alive and now - c.last_seen > self.heartbeat_timeout_s:
                     self._lose(c, f"no heartbeat for {now - c.last_seen:.1f}s")
 
+    def lose_instance(self, instance: str, why: str) -> None:
+        """Mark the workers of `instance` lost now (the controller just killed them), so that no plan made
+        before their sockets report the close counts them as migration sources or ranks."""
+        for c in list(self.conns.values()):
+            if c.instance == instance and not c.is_agent:
+                self._lose(c, why)
+
     def alive(self, name: str) -> WorkerConn | None:
         c = self.conns.get(name)
         return c if c is not None and c.alive else None

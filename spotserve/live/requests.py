@@ -31,7 +31,7 @@ class LiveRequest:
     recomputed: int = 0  # tokens generated again after a restart from scratch
     reprefilled: int = 0  # prompt + committed tokens prefilled again after losing the KV
     kv_moved_bytes: int = 0  # KV bytes its new workers received from other workers (migration executor)
-    resumes: list[dict] = field(default_factory=list)  # {"how": kv|prefill, "at": committed count}
+    resumes: list[dict] = field(default_factory=list)  # {"how": kv|prefill|restart, "at": committed count}
     mismatches: int = 0  # regenerated tokens that differ from the committed ones (non-determinism)
 
     def __post_init__(self):

@@ -166,6 +166,7 @@ class LiveService:
         self.backend = LiveBackend(self.pool, self.requests, engine, self.store, self.metrics)
         self.backend.on_token = self._on_token
         self.backend.on_configured = self._on_configured
+        self.backend.on_unservable = self._unservable
         self.backend.attach(self.controller)
         self._restore()
         adopted = await self._adopt(instances)
@@ -349,6 +350,7 @@ class LiveService:
             return
         self._reclaiming.add(name)
         pids = self.launcher.kill(name)
+        self.pool.lose_instance(name, "instance reclaimed")
         self._forget(name)
         self.metrics.preemptions.labels("notice" if name in self._noticed else "none").inc()
         self.backend.emit("reclaim", instance=name, killed=pids)
@@ -419,10 +421,20 @@ class LiveService:
                           attached_bytes=conn.hello.get("attached_bytes"), seconds=round(time.monotonic() - t0, 3))
         self.controller.on_worker_restarted(slot)
 
+    def _unservable(self, slots: list[str], why: str) -> None:
+        """Workers that live but cannot form their replica: their instances are given up (killed), as
+        if lost without notice, and their requests resume elsewhere."""
+        self.backend.emit("unservable", workers=slots, why=why)
+        for name in sorted({s.rsplit("/", 1)[0] for s in slots}):
+            inst = self.controller.instances.instances.get(name)
+            if inst is not None and inst.state != GONE and name not in self._reclaiming:
+                self._lose(name)
+
     def _lose(self, name: str) -> None:
         """The instance `name` is gone without notice: kill the rest of it, resume elsewhere."""
         self._reclaiming.add(name)
         pids = self.launcher.kill(name)
+        self.pool.lose_instance(name, "instance lost")
         self._forget(name)
         self.metrics.preemptions.labels("none").inc()
         self.backend.emit("reclaim", instance=name, killed=pids, notice=False)

@@ -63,14 +63,15 @@ class ServiceThread:
             return await asyncio.wait_for(asyncio.gather(*(lr.wait() for lr in lrs)), timeout)
         return self.run(go(), timeout + 5)
 
-    def wait_for(self, pred, timeout: float = 60, poll: float = 0.05):
-        """Poll `pred()` on the loop until true; TimeoutError otherwise."""
+    def wait_for(self, pred, timeout: float = 60, poll: float = 0.05, explain=None):
+        """Poll `pred()` on the loop until true; TimeoutError otherwise, with `explain()` (called on the
+        loop) in its message: what the test saw, so a failure in CI says why."""
         async def go():
             loop = asyncio.get_running_loop()
             end = loop.time() + timeout
             while not pred():
                 if loop.time() > end:
-                    raise TimeoutError("condition not reached")
+                    raise TimeoutError("condition not reached" + (f": {explain()}" if explain else ""))
                 await asyncio.sleep(poll)
         return self.run(go(), timeout + 5)
 

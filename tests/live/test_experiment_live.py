@@ -51,7 +51,7 @@ def test_e2e_backend_live_writes_the_simulators_outputs(tmp_path, live_ckpt, liv
                  "--live-model-dir", live_ckpt, "--live-profile", live_profile]) == 0
     cell = out / "e2e_20B_Bs+o_live"
     summ = json.loads((cell / "summary.json").read_text())
-    assert set(summ) == {"spotserve", "spotserve@sim", "_meta"}
+    assert set(summ) == {"spotserve", "spotserve@sim", "spotserve@sim-refit", "_meta"}
     assert summ["_meta"]["backend"] == "live" and summ["_meta"]["model"] == "opt-tiny"
     live = summ["spotserve"]
     assert live["arrived"] == 8 == live["completed"] + live["rejected"] + live["unfinished"]
@@ -65,5 +65,11 @@ def test_e2e_backend_live_writes_the_simulators_outputs(tmp_path, live_ckpt, liv
     configured = [e for e in backend if e["event"] == "configured"]
     assert live["checkpoint_bytes_per_reconfiguration"] == [e["loaded_bytes"] for e in configured[1:]]
     assert configured[0]["loaded_bytes"] > 0  # the start set read its weights
+    # the re-fitted simulation used this run's timed batches
+    timed = [e for e in backend if e["event"] == "batch_done"]
+    refit = json.loads((cell / "profile_refit_spotserve.json").read_text())
+    assert timed and refit["refit"]["batches"] == len(timed)
+    assert live["live_over_sim_refit"]["p50"] == pytest.approx(live["p50_s"] / summ["spotserve@sim-refit"]["p50_s"],
+                                                               rel=1e-3)
     assert "live:" in capsys.readouterr().out
     assert _procs_mentioning(str(tmp_path)) == []

@@ -114,7 +114,7 @@ def test_slot_context_records_restores_and_is_killed_with_its_files(live_ckpt, t
 class Q:
     def __init__(self, rid, input_len, output_len):
         self.id, self.input_len, self.output_len = rid, input_len, output_len
-        self.committed, self.kv_ready = 0, False
+        self.committed, self.kv_ready, self.interruptions = 0, False, 0
 
 
 class FakeController:
