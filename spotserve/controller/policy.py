@@ -139,8 +139,9 @@ class Policy:
         The migration planner orders transfers stage by stage from the first, so a replica can
         start a batch once its stage 0 context is in place, provided each later stage s is ready
         when the pipeline reaches it (s prefill stage-times tau later): offset = max_s(ready_s - s*tau),
-        with ready_s the busiest-link time of the transfer prefix that completes stage s. A replica
-        that receives nothing serves at once. Without the migration planner (no overlap), or for a
+        with ready_s the busiest-link time of the transfer prefix that completes stage s, plus the
+        engine start. A replica that receives nothing serves once its engine started (a kept one,
+        untouched, at once: the controller's business). Without the migration planner (no overlap), or for a
         restart from disk, every replica waits for the whole plan.
         """
         est = plan.est_seconds + self.engine_start_s
@@ -171,7 +172,7 @@ class Policy:
         for r, sh in shapes.items():
             tau = self.prefill_s(sh, sh.batch, self.cost.workload.prompt_len) / sh.pp
             offs = [ready[(r, s)] - s * tau for s in range(sh.pp) if (r, s) in ready]
-            out[r] = max(0.0, max(offs)) + self.engine_start_s if offs else 0.0
+            out[r] = max(0.0, max(offs)) + self.engine_start_s if offs else self.engine_start_s
         return out
 
     def disk_load_s(self, shape: ParallelConfig) -> float:

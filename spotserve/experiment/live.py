@@ -162,7 +162,8 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
             jitter = StepJitter.from_profile(profile)
             cfg = SimConfig(instance=InstanceConfig(gpus_per_instance=lo.gpus_per_instance, grace_s=lo.grace_s,
                                                     gpu_memory_bytes=cost.gpu_memory_bytes),
-                            max_seq_len=spec.max_positions + 1, jitter=jitter, seed=getattr(opts, "seed", 0))
+                            max_seq_len=spec.max_positions + 1, jitter=jitter, seed=getattr(opts, "seed", 0),
+                            engine_start_s=engine_start_of(json.loads(Path(profile).read_text())))
             for name in approaches:
                 res = simulate(cost, trace, arrivals, get_approach(name), cfg)
                 res = replace(res, approach=f"{name}@sim")
@@ -178,7 +179,8 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
                 path = out / f"profile_refit_{name}.json"
                 path.write_text(json.dumps(refit, indent=1))
                 rcost = CostModel.from_profile(path, spec=spec, workload=Workload(lo.input_len, lo.output_len))
-                res = simulate(rcost, trace, arrivals, get_approach(name), replace(cfg, jitter=StepJitter.from_profile(path)))
+                res = simulate(rcost, trace, arrivals, get_approach(name),
+                               replace(cfg, jitter=StepJitter.from_profile(path), engine_start_s=engine_start_of(refit)))
                 res = replace(res, approach=f"{name}@sim-refit")
                 write_result(out, res)
                 summaries[res.approach] = res.summary
@@ -197,6 +199,15 @@ def run_e2e_live(model: str, trace_name: str, approaches: list[str], opts, lo: L
     write_summary(out, summaries, meta)
     plots.latency_percentiles(out, f"live {spec.name} on {trace.name}")
     return summaries
+
+
+def engine_start_of(profile: dict) -> float:
+    """The simulator's engine start for a live-path profile: the median of its measured reconfigurations
+    (process groups, engine build: what a rebuilt replica pays before it serves); 0 without any."""
+    import statistics
+
+    xs = profile.get("configure_s") or []
+    return float(statistics.median(xs)) if xs else 0.0
 
 
 def compare_sim(live: dict, sim: dict) -> dict:

@@ -203,12 +203,6 @@ class LiveBackend(Backend):
                 if self.step_pause_s:
                     await asyncio.sleep(self.step_pause_s)
                 replies = await self._all(workers, "step", {"config_id": rt.config_id, "step": step})
-                b.step_s = time.monotonic() - t0
-                if step == 0:  # as the calibration times it: add_requests round trip + the prefill step
-                    prefill_s = time.monotonic() - t_add
-                else:
-                    decode_s += b.step_s
-                step += 1
                 now = self.now()
                 # one store transaction per step; no await inside, so no reader sees a token before
                 # the transaction that makes it durable has committed
@@ -220,6 +214,14 @@ class LiveBackend(Backend):
                         b.first_t.setdefault(q.id, now)
                         if index[q.id] >= q.output_len:
                             b.finish_t[q.id] = now
+                # timed as the calibration times a batch: the prefill with the add_requests round
+                # trip, every step with its commit
+                b.step_s = time.monotonic() - t0
+                if step == 0:
+                    prefill_s = time.monotonic() - t_add
+                else:
+                    decode_s += b.step_s
+                step += 1
             if step:  # what the in-run refit of the profile reads (spotserve/live/refit.py)
                 self.emit("batch_done", replica=rt.index, batch=b.batch_id, pp=rt.shape.pp, tp=rt.shape.tp,
                           m=rt.shape.micro_batches, size=len(b.reqs), fresh=b.fresh,

@@ -8,7 +8,9 @@ batches re-scale the profile: per-batch ratios of measured to predicted prefill 
 time, split into warm and cold batches (idle at least ``idle_s`` before, as the calibration splits
 them); the warm medians scale the tables, the cold / warm medians become the cold factors, and each
 batch's ratio to its group's median becomes a ``step_jitter`` sample. Batches that resumed requests
-count for the decode step only (their prefill is partial or absent).
+count for the decode step only (their prefill is partial or absent). The run's reconfigurations
+(``configured`` events after the first) replace the profile's ``configure_s``, which the simulator
+pays as the engine start of every replica a plan rebuilds.
 """
 from __future__ import annotations
 
@@ -82,6 +84,10 @@ def refit_profile(profile: dict, events: list[dict], cost: CostModel) -> dict:
     out["embed"] = [x * scale["prefill"] for x in profile.get("embed", [])]
     out["step_jitter"] = {"samples": samples, "idle_s": idle_s,
                           "cold": {k: round(v, 4) for k, v in cold.items()}}
+    # the fixed cost of a reconfiguration as the run paid it (the first configure loads the checkpoint)
+    configured = [e["seconds"] for e in events if e.get("event") == "configured"][1:]
+    if configured:
+        out["configure_s"] = [round(x, 4) for x in configured]
     out["name"] = f"{profile.get('name', 'profile')}-refit"
     out["refit"] = {"batches": len(rows), "warm": len(groups["warm"]), "cold": len(groups["cold"]),
                     "scale": {k: round(v, 4) for k, v in scale.items()}}

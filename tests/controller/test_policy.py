@@ -31,6 +31,10 @@ def test_added_instance_only_delays_the_new_replica():
     assert off[new] == pytest.approx(second.est_seconds)
     # no migration planner: nobody serves before the whole plan is done
     assert set(pol.ready_offsets(second, get_approach("no-migration-planner")).values()) == {second.est_seconds}
+    # with an engine start, every replica the plan rebuilds pays it, one that receives nothing too
+    # (the controller serves kept replicas straight through, whatever this says)
+    slow = Policy(COST, engine_start_s=0.4).ready_offsets(second, sp)
+    assert all(slow[r] == pytest.approx(off[r] + 0.4) for r in off)
 
 
 def test_frozen_shape_and_rank_mapper_switches():

@@ -40,7 +40,9 @@ def test_refit_recovers_the_runs_speed_cold_factors_and_spread(tmp_path):
     profile = json.loads(PROFILE.read_text())
     cost = _cost(profile, tmp_path, "base")
     events = _events(cost, 200, seed=0)
-    refit = refit_profile(profile, events + [{"event": "configured"}], cost)
+    configured = [{"event": "configured", "seconds": x} for x in (2.5, 0.2, 0.3)]  # the first loads weights
+    refit = refit_profile(profile, configured[:1] + events + configured[1:], cost)
+    assert refit["configure_s"] == [0.2, 0.3]
     assert refit["refit"]["scale"]["prefill"] == pytest.approx(1.5, rel=0.03)
     assert refit["refit"]["scale"]["decode"] == pytest.approx(1.2, rel=0.03)
     assert refit["step_jitter"]["cold"]["prefill"] == pytest.approx(1.4, rel=0.04)
