@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--model", default="20B")
     ap.add_argument("--trace", default="Bs")
     ap.add_argument("--approach", default="spotserve", help="comma list; empty: all three")
-    ap.add_argument("--requests", type=int, default=60)
+    ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--json")
     args = ap.parse_args()
 

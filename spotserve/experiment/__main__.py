@@ -67,7 +67,8 @@ def _live_args(sp: argparse.ArgumentParser) -> None:
                     help="sim: the simulator; live: worker processes on this machine (tiny model, scaled trace)")
     g = sp.add_argument_group("live backend (--backend live)")
     g.add_argument("--live-duration", type=float, default=60.0, help="seconds the scaled trace lasts (default 60)")
-    g.add_argument("--live-requests", type=int, default=60, help="arrivals kept, evenly over the trace (default 60)")
+    g.add_argument("--live-requests", type=int, default=200,
+                   help="arrivals kept, evenly over the trace (default 200: P99 of fewer is one request)")
     g.add_argument("--live-input-len", type=int, default=16)
     g.add_argument("--live-output-len", type=int, default=24)
     g.add_argument("--live-gpus-per-instance", type=int, default=1, help="worker processes per instance")

@@ -43,7 +43,7 @@ class LiveOptions:
     """How `e2e --backend live` shrinks a paper cell onto worker processes on this machine."""
 
     duration_s: float = 60.0  # the trace is time-scaled to last this long (live seconds)
-    max_requests: int = 60  # arrivals subsampled evenly over the trace down to this many
+    max_requests: int = 200  # arrivals subsampled evenly over the trace down to this many
     input_len: int = 16
     output_len: int = 24
     gpus_per_instance: int = 1

@@ -25,7 +25,7 @@ from pathlib import Path
 from spotserve.controller.approach import get_approach
 from spotserve.controller.controller import Controller
 from spotserve.controller.events import EventLog
-from spotserve.controller.instances import GONE, InstanceConfig, InstanceManager
+from spotserve.controller.instances import GONE, RELEASED, InstanceConfig, InstanceManager
 from spotserve.controller.policy import Policy, profile_margin_s
 from spotserve.controller.requests import REJECTED, RUNNING, RequestManager
 from spotserve.live.adopt import await_gone, await_slots, held_plan, install_held, served_record
@@ -346,7 +346,7 @@ class LiveService:
     def reclaim(self, name: str) -> None:
         """The cloud takes `name` back now: its processes are SIGKILLed, then the controller is told."""
         inst = self.controller.instances.instances.get(name)
-        if inst is None or inst.state == GONE:
+        if inst is None or inst.state in (GONE, RELEASED):  # released: the run ended
             return
         self._reclaiming.add(name)
         pids = self.launcher.kill(name)
@@ -377,7 +377,7 @@ class LiveService:
             return
         inst = self.controller.instances.instances.get(name)
         self.backend.emit("worker_lost", worker=conn.name, why=why)
-        if inst is None or inst.state == GONE:
+        if inst is None or inst.state in (GONE, RELEASED):  # released: the run ended
             return
         if self.config.engine.get("daemon") and hasattr(self.launcher, "respawn") and conn.name not in self._respawning:
             # its slot's context daemon lives on: restart the worker there instead of losing the instance
@@ -427,7 +427,7 @@ class LiveService:
         self.backend.emit("unservable", workers=slots, why=why)
         for name in sorted({s.rsplit("/", 1)[0] for s in slots}):
             inst = self.controller.instances.instances.get(name)
-            if inst is not None and inst.state != GONE and name not in self._reclaiming:
+            if inst is not None and inst.state not in (GONE, RELEASED) and name not in self._reclaiming:
                 self._lose(name)
 
     def _lose(self, name: str) -> None:
