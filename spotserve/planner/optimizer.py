@@ -1,6 +1,7 @@
 """ConfigOptimizer: choose (dp, pp, tp, batch, micro-batches) and an optional extra replica for the GPUs now.
 
-Search space: every profiled shape S = (pp, tp, batch, micro_batches) that fits GPU memory, run as
+Search space: every profiled shape S = (pp, tp, batch, micro_batches; micro-batches only with pp > 1,
+where they fill the pipeline) that fits GPU memory, run as
 dp = floor(N / (pp * tp)) replicas (for a fixed shape more replicas never raise the expected latency,
 so smaller dp is dominated), plus optionally one extra replica of any feasible shape E built from
 the N - dp * pp * tp leftover GPUs. ``latency(S, E)`` is the expected request latency under dynamic
@@ -88,8 +89,11 @@ class ConfigOptimizer:
             f = self.fixed_shape
             rows = [(f.pp, f.tp, f.batch, f.micro_batches)] if f.pp * f.tp <= n_gpus else []
         else:
+            # micro-batches fill a pipeline: with one stage they only run a batch in sequential parts,
+            # never faster in fact, so a profile's noise must not pick them (and flip shapes between plans)
             rows = [(pp, tp, b, m) for tp in self.cost.tps for pp in range(1, self.cost.spec.num_layers + 1)
-                    if pp * tp <= n_gpus for b in self.cost.batches for m in range(1, b + 1) if b % m == 0]
+                    if pp * tp <= n_gpus for b in self.cost.batches for m in range(1, b + 1)
+                    if b % m == 0 and (m == 1 or pp > 1)]
         a = np.array(rows, dtype=np.int64).reshape(-1, 4)
         pp, tp, b, m = a.T
         ok = self.cost.feasible(pp, tp, b, m, gpu_memory_bytes) if len(a) else np.zeros(0, bool)

@@ -8,6 +8,21 @@ import threading
 from spotserve.live.service import LiveConfig, LiveService
 
 
+def single_slot_profile(live_profile: str, path) -> str:
+    """The measured profile with fixed, smooth step times (not this machine's noisy ones) and tensor and
+    pipeline parallelism made costly, written to `path`: the optimizer then picks one single-slot
+    replica per instance, the same shape for any number of them, however loaded the machine is."""
+    import json
+
+    prof = json.loads(open(live_profile).read())
+    sizes = [int(k.split("-")[1]) for k in prof["tp-1"]]
+    prof["tp-1"] = {f"bsz-{b}": {"init": 0.2 * (1 + b / 4), "incr": 0.1 * (1 + b / 8)} for b in sizes}
+    prof["tp-2"] = {k: {n: 3 * v for n, v in t.items()} for k, t in prof["tp-1"].items()}
+    prof["pp_init_comm"] = prof["pp_incr_comm"] = 50.0
+    path.write_text(json.dumps(prof))
+    return str(path)
+
+
 def reference(model_dir: str, reqs: list[tuple[list[int], int]]) -> list[list[int]]:
     """Greedy outputs of an uninterrupted single-process engine for (prompt, max_tokens) pairs."""
     from spotserve.engine.config import EngineConfig

@@ -2,12 +2,9 @@
 (LiveBackend.keeps_unchanged_replicas): its workers are not reconfigured, its batch is not stopped."""
 from __future__ import annotations
 
-import copy
-import json
-
 import pytest
 
-from live_harness import ServiceThread, reference
+from live_harness import ServiceThread, reference, single_slot_profile
 from spotserve.live.service import LiveConfig
 
 pytestmark = pytest.mark.timeout(180)
@@ -17,12 +14,8 @@ def test_request_on_an_untouched_replica_decodes_straight_through_a_preemption(l
     # The measured profile with tensor and pipeline parallelism made costly, so the optimizer's choice
     # does not hang on this machine's timings: one single-slot replica per instance (D4, then D3). One
     # replica decodes a long request while an idle instance gets the notice.
-    prof = json.loads(open(live_profile).read())
-    prof["tp-2"] = {b: {k: 3 * v for k, v in t.items()} for b, t in copy.deepcopy(prof["tp-1"]).items()}
-    prof["pp_init_comm"] = prof["pp_incr_comm"] = 50.0
-    (tmp_path / "profile.json").write_text(json.dumps(prof))
-    cfg = LiveConfig(live_ckpt, str(tmp_path / "profile.json"), str(tmp_path / "run"), gpus_per_instance=1,
-                     rate=200.0, grace_s=1.5)
+    cfg = LiveConfig(live_ckpt, single_slot_profile(live_profile, tmp_path / "profile.json"), str(tmp_path / "run"),
+                     gpus_per_instance=1, rate=200.0, grace_s=1.5)
     st = ServiceThread(cfg, ["i0", "i1", "i2", "i3"], http=False)
     try:
         svc = st.svc
@@ -43,9 +36,12 @@ def test_request_on_an_untouched_replica_decodes_straight_through_a_preemption(l
         during = len(lr.tokens) - before
         out = st.wait_all([lr], timeout=60)[0]
         configure = [e for e in st.call(lambda: list(svc.backend.events)) if e["event"] == "configure"]
-        assert len(configure) >= 2 and configure[-1]["kept"], configure  # the busy replica was kept
+        plans = [(e["trigger"], e["config"], e["kept"], e["transfers"]) for e in st.call(lambda: svc.log.of("plan"))]
+        # the busy replica was kept
+        assert len(configure) >= 2 and configure[-1]["kept"], (plans, [c["replicas"] for c in configure])
         assert svc.controller.reconfigurations == 1
-        assert lr.resumes == [] and svc.rm.requests[lr.rid].interruptions == 0  # never stopped nor resumed
+        # never stopped nor resumed
+        assert lr.resumes == [] and svc.rm.requests[lr.rid].interruptions == 0, (plans, configure[-1]["kept"], busy)
         assert lr.recomputed == 0 and lr.reprefilled == 0
         assert during >= 10  # it kept committing tokens between the notice and the new configuration
         gaps = sorted(b - a for a, b in zip(lr.token_wall, lr.token_wall[1:]))

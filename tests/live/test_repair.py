@@ -4,12 +4,9 @@ given up and the controller re-plans without it (LiveBackend._repair). Either wa
 and none is sent to a replica that cannot serve."""
 from __future__ import annotations
 
-import copy
-import json
-
 import pytest
 
-from live_harness import ServiceThread, random_requests, reference
+from live_harness import ServiceThread, random_requests, reference, single_slot_profile
 from spotserve.live import pool as pool_mod
 from spotserve.live.service import LiveConfig
 
@@ -32,13 +29,8 @@ def _fail_configure(monkeypatch, slot: str, times: int) -> list[int]:
 
 
 def _cluster(live_ckpt, live_profile, tmp_path) -> ServiceThread:
-    # tp and pp made costly in the measured profile: one single-slot replica per instance (D2)
-    prof = json.loads(open(live_profile).read())
-    prof["tp-2"] = {b: {k: 3 * v for k, v in t.items()} for b, t in copy.deepcopy(prof["tp-1"]).items()}
-    prof["pp_init_comm"] = prof["pp_incr_comm"] = 50.0
-    (tmp_path / "profile.json").write_text(json.dumps(prof))
-    cfg = LiveConfig(live_ckpt, str(tmp_path / "profile.json"), str(tmp_path / "run"), gpus_per_instance=1,
-                     rate=200.0, grace_s=1.5)
+    profile = single_slot_profile(live_profile, tmp_path / "profile.json")  # D2: a replica per instance
+    cfg = LiveConfig(live_ckpt, profile, str(tmp_path / "run"), gpus_per_instance=1, rate=200.0, grace_s=1.5)
     return ServiceThread(cfg, ["i0", "i1"], http=False)
 
 

@@ -46,7 +46,8 @@ def brute_force(cost, n, rate, horizon=300.0):
     """Enumerate every (shape at dp = n // size, optional extra shape) with scalar cost calls."""
     L = cost.spec.num_layers
     shapes = [(pp, tp, b, m) for pp in range(1, L + 1) for tp in cost.tps for b in cost.batches
-              for m in range(1, b + 1) if b % m == 0 and pp * tp <= n and bool(cost.feasible(pp, tp, b, m))]
+              for m in range(1, b + 1) if b % m == 0 and (m == 1 or pp > 1) and pp * tp <= n
+              and bool(cost.feasible(pp, tp, b, m))]
 
     def mig(s):
         pp, tp = s[0], s[1]
