@@ -101,22 +101,29 @@ class ServiceThread:
 
 
 # --- the controller as a subprocess (`python -m spotserve.live`), for restart tests ---------------
-def start_cli(args: list[str]):
-    """Start `python -m spotserve.live ARGS`; returns (process, its "listening" JSON line as a dict)."""
+def start_listening(cmd: list[str], what: str = "controller"):
+    """Start `cmd` (a controller, alone or under mpirun); returns (process, its "listening" JSON line as
+    a dict). The pipe is drained afterwards, so the process never blocks on its output."""
     import json
     import os
     import subprocess
-    import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "spotserve.live", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if line.startswith("{") and '"listening"' in line:
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
             return proc, json.loads(line)
-    raise AssertionError(f"controller exited with {proc.wait()} before listening:\n{''.join(seen)[-3000:]}")
+    raise AssertionError(f"{what} exited with {proc.wait()} before listening:\n{''.join(seen)[-3000:]}")
+
+
+def start_cli(args: list[str]):
+    """Start `python -m spotserve.live ARGS`; returns (process, its "listening" JSON line as a dict)."""
+    import sys
+
+    return start_listening([sys.executable, "-m", "spotserve.live", *args])
 
 
 def poll_request(url: str, rid: int, pred, timeout: float = 90.0) -> dict:

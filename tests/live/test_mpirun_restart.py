@@ -3,32 +3,17 @@ the state store, so the workers the first job's agents started (which outlive it
 are adopted by the second job, not replaced."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 
 import pytest
 
+from live_harness import start_listening
 from spotserve.live.forkserver import WORKER_COMM, alive
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(200)]
-
-
-def _start(cmd: list[str]):
-    """Start an mpirun job; returns (process, its "listening" line as a dict)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("{") and '"listening"' in line:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            return proc, json.loads(line)
-    raise AssertionError(f"mpirun exited with {proc.wait()} before listening:\n{''.join(seen)[-3000:]}")
 
 
 def test_mpirun_restart_reuses_the_token_and_adopts_the_workers(live_ckpt, live_profile, tmp_path):
@@ -40,7 +25,7 @@ def test_mpirun_restart_reuses_the_token_and_adopts_the_workers(live_ckpt, live_
     cmd += [sys.executable, "-m", "spotserve.live", "--model-dir", live_ckpt, "--profile", live_profile,
             "--run-dir", str(tmp_path / "run"), "--state", str(tmp_path / "state.sqlite"), "--instances", "i0",
             "--gpus-per-instance", "1", "--port", "0", "--rate", "200", "--reconnect-s", "40"]
-    first, up = _start(cmd)
+    first, up = start_listening(cmd, "mpirun")
     token = (tmp_path / "run" / "token").read_bytes()
     pids = up["worker_pids"]
     assert sorted(pids) == ["i0/g0"] and up["adopted"] == []
@@ -49,7 +34,7 @@ def test_mpirun_restart_reuses_the_token_and_adopts_the_workers(live_ckpt, live_
         os.kill(up["pid"], signal.SIGKILL)  # rank 0 dies: mpirun ends the job (its agent with it)
         first.wait(60)
         assert all(alive(p) for p in pids.values())  # the worker outlived the job
-        second, again = _start(cmd)
+        second, again = start_listening(cmd, "mpirun")
         assert (tmp_path / "run" / "token").read_bytes() == token  # the recorded token, not a new one
         assert again["adopted"] == ["i0"] and again["worker_pids"] == pids
     finally:
